@@ -1,0 +1,274 @@
+"""The checkpoint contract (design notes §3).
+
+    runs/sft/                     complete or absent, never half-written
+      config.json model.safetensors tokenizer.json ...   plain Hugging Face model + tokenizer
+      rlhf_stage.json             manifest: stage, version, resolved config, parent, data, metrics, times
+      metrics.jsonl               every logged metric, one JSON object per line
+      trainer_state/              optimizer.safetensors + state.json (scheduler, RNG, step, data position)
+    runs/sft.partial/             only while a run is in progress (or was killed)
+      metrics.jsonl               the live log
+      checkpoints/step-00000100/  each complete (written to a temp sibling, then renamed)
+
+Tensors are stored with safetensors only; everything else is JSON. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError
+
+MANIFEST = "rlhf_stage.json"
+METRICS = "metrics.jsonl"
+STATE_DIR = "trainer_state"
+CKPT_PREFIX = "step-"
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def is_complete(path: Path) -> bool:
+    m = read_manifest(path)
+    return m is not None and m.get("status") == "complete"
+
+
+def read_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_dir(final: Path):
+    """Yield a temp sibling of `final` to fill; on success it replaces `final` in one rename.
+
+    An existing `final` is moved aside first and deleted only after the new one is in place, so
+    a crash at any point leaves the old directory, the new one, or (at worst) both.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_stale_temps(parent: Path) -> None:
+    """Remove temp siblings left by a killed process (`.<name>.tmp-<pid>`)."""
+    if not parent.is_dir():
+        return
+    for p in parent.iterdir():
+        if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+            try:
+                pid = int(p.name.rsplit("-", 1)[1])
+            except ValueError:
+                continue
+            if pid == os.getpid() or not _alive(pid):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def content_hash(path: Path) -> str | None:
+    """sha256 of a checkpoint's weights and config (its own manifest's value when it has one)."""
+    path = Path(path)
+    m = read_manifest(path)
+    if m and m.get("content_hash"):
+        return m["content_hash"]
+    return compute_content_hash(path)
+
+
+def compute_content_hash(path: Path) -> str | None:
+    files = sorted(p for p in path.glob("*.safetensors")) + [path / "config.json"]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def parent_info(name_or_path: str) -> dict | None:
+    p = Path(name_or_path).expanduser()
+    if name_or_path == "tiny":
+        return None
+    if not p.exists():
+        return {"hub": name_or_path}
+    m = read_manifest(p) or {}
+    return {"path": str(p.resolve()), "content_hash": content_hash(p), "stage": m.get("stage")}
+
+
+def write_manifest(path: Path, **fields) -> dict:
+    manifest = {"format": 1, "toolkit": "rlhf-cli", "version": __version__, **fields}
+    (Path(path) / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return manifest
+
+
+# --- trainer state: optimizer tensors in safetensors, the rest in JSON -------------------------------
+def save_optimizer(optimizer, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if hasattr(v, "shape"):
+                tensors[f"{idx}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    save_file(tensors, str(path / "optimizer.safetensors"))
+    (path / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
+
+
+def load_optimizer(optimizer, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    meta = json.loads((path / "optimizer.json").read_text())
+    state: dict = {}
+    for key, v in tensors.items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    for key, v in meta["scalars"].items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state()
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def save_trainer_state(path: Path, optimizer, scheduler, progress: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    save_optimizer(optimizer, path)
+    state = {"progress": progress, "scheduler": scheduler.state_dict(), "rng": rng_state()}
+    (path / "state.json").write_text(json.dumps(state, default=str))
+
+
+def load_trainer_state(path: Path, optimizer, scheduler) -> dict:
+    state = json.loads((path / "state.json").read_text())
+    load_optimizer(optimizer, path)
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["progress"]
+
+
+def read_progress(path: Path) -> dict | None:
+    try:
+        return json.loads((path / STATE_DIR / "state.json").read_text())["progress"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# --- run directories ----------------------------------------------------------------------------------
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete intermediate checkpoint of an in-progress run."""
+    ckdir = partial_dir(out) / "checkpoints"
+    if not ckdir.is_dir():
+        return None
+    done = sorted(p for p in ckdir.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / STATE_DIR / "state.json").exists())
+    return done[-1] if done else None
+
+
+def prune_checkpoints(out: Path, keep_last: int) -> None:
+    ckdir = partial_dir(out) / "checkpoints"
+    done = sorted(p for p in ckdir.iterdir() if p.name.startswith(CKPT_PREFIX))
+    for p in done[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def prepare_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Check the output directory against --resume/--overwrite; return the checkpoint to resume from.
+
+    Refuses to touch an existing run unless told to. --overwrite discards an unfinished run at once,
+    but an existing complete checkpoint is only replaced when the new one is complete.
+    """
+    out = Path(out)
+    partial = partial_dir(out)
+    clean_stale_temps(out.parent)
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one of them")
+    if overwrite:
+        shutil.rmtree(partial, ignore_errors=True)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"output path {out} exists and is not a directory")
+        return None
+    if resume:
+        last = latest_checkpoint(out)
+        if last is not None:
+            return last
+        if is_complete(out) and (out / STATE_DIR).exists():
+            return out
+        return None
+    if partial.exists() and any(partial.iterdir()):
+        raise UserError(
+            f"an unfinished run exists in {partial}; pass --resume to continue it or --overwrite to start over"
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output directory {out} already exists and is not empty; pass --resume or --overwrite")
+    return None
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -1,0 +1,151 @@
+"""The `rlhf` command: parses options, resolves the stage config, calls one trainer. No ML logic."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import UserError
+
+app = typer.Typer(
+    help="Reinforcement Learning from Human Feedback, one stage per subcommand.\n\n"
+    "Example: rlhf sft --config stage_configs/tldr_sft.yaml --output-dir runs/sft",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+)
+err = Console(stderr=True)
+
+
+@app.callback()
+def _root() -> None:
+    """Reinforcement Learning from Human Feedback, one stage per subcommand."""
+
+out = Console()
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Stage config YAML.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key: --set train.learning_rate=1e-4 (repeatable).")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Preset from the config's `presets:` (default: tiny).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Checkpoint directory to write.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory (when the new one is complete).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Validate config, data and model; print the plan; train nothing.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Override the config's seed.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")]
+
+
+def _fail(message: str, code: int = 2):
+    message = message.rstrip()
+    err.print(f"[bold red]error:[/] {message}{'' if message.endswith(('.', '?', '!')) else '.'}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _guard(debug: bool, fn):
+    """Run `fn`; bad input -> one sentence and exit 2; Ctrl-C -> exit 130; tracebacks only with --debug."""
+    if debug:
+        return fn()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        return fn()
+    except UserError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]; the last complete checkpoint is kept, continue with --resume")
+        raise typer.Exit(130)
+    except typer.Exit:
+        raise
+    except MemoryError:
+        _fail("out of memory; lower train.batch_size or data.max_length")
+    except Exception as e:  # an internal error: still one line unless --debug
+        _fail(f"internal error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
+              "(re-run with --debug for the traceback)", code=1)
+
+
+def _sigterm_as_interrupt() -> None:
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        pass
+
+
+def _resolve(stage: str, config, sets, preset, seed, output_dir):
+    from .config import load_config
+
+    cfg = load_config(config, stage, list(sets or []), preset)
+    if seed is not None:
+        cfg.seed = seed
+    dest = output_dir or (Path(cfg.output_dir) if cfg.output_dir else Path("runs") / stage)
+    cfg.output_dir = str(dest)
+    return cfg, Path(dest)
+
+
+def _print_plan(cfg, info: dict) -> None:
+    import yaml
+    from rich.syntax import Syntax
+    from rich.table import Table
+
+    from .config import to_dict
+
+    out.print(Syntax(yaml.safe_dump(to_dict(cfg), sort_keys=False), "yaml", background_color="default"))
+    table = Table(title=f"plan: rlhf {cfg.stage} (dry run, nothing trained)", show_header=False)
+    for k, v in info.items():
+        table.add_row(k, str(v))
+    out.print(table)
+
+
+def _print_results(result: dict, stage: str) -> None:
+    from rich.table import Table
+
+    if "final" not in result:
+        return
+    first, final = result.get("initial", {}), result["final"]
+    table = Table(title=f"{stage}: held-out metrics, before and after ({result['steps']} steps)")
+    table.add_column("metric")
+    table.add_column("initial model", justify="right")
+    table.add_column("trained model", justify="right")
+    for k, v in final.items():
+        if k.endswith("_stderr"):
+            continue
+        se = final.get(f"{k}_stderr")
+        se0 = first.get(f"{k}_stderr")
+        fmt = (lambda x, s: "—" if x is None else f"{x:.4f}" + (f" ± {s:.4f}" if s is not None else ""))
+        table.add_row(k.removeprefix("eval/"), fmt(first.get(k), se0), fmt(v, se))
+    out.print(table)
+    out.print(f"checkpoint: {result['output_dir']}")
+
+
+@app.command(epilog="Example: rlhf sft --config stage_configs/tldr_sft.yaml --output-dir runs/sft "
+             "--set train.max_steps=50")
+def sft(config: ConfigOpt = None, set_: SetOpt = None, preset: PresetOpt = None, output_dir: OutOpt = None,
+        resume: ResumeOpt = False, overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False,
+        seed: SeedOpt = None, debug: DebugOpt = False):
+    """Supervised fine-tuning of a causal LM on prompt/completion (or plain text) data."""
+    def go():
+        from .trainers import sft as trainer
+
+        cfg, dest = _resolve("sft", config, set_, preset, seed, output_dir)
+        if dry_run:
+            return _print_plan(cfg, trainer.plan(cfg, dest))
+        _print_results(trainer.run(cfg, dest, resume=resume, overwrite=overwrite, console=err), "sft")
+    _guard(debug, go)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _sigterm_as_interrupt()
+    try:
+        app()
+    except SystemExit as e:
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

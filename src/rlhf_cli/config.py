@@ -1,0 +1,295 @@
+"""Stage-config schema (pydantic), YAML loading, presets and `--set a.b=value` overrides.
+
+Resolution order, later wins: schema defaults < the YAML file's top-level keys < the chosen preset
+(a partial YAML under `presets:` in the same file) < `--set` overrides < CLI flags (--seed,
+--output-dir). Every section forbids unknown keys; the error names the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(Section):
+    n_layer: int = Field(4, ge=1, description="Transformer blocks of the tiny GPT-2.")
+    n_embd: int = Field(128, ge=8, description="Hidden width of the tiny GPT-2.")
+    n_head: int = Field(4, ge=1, description="Attention heads of the tiny GPT-2.")
+    n_positions: int = Field(256, ge=16, description="Maximum sequence length of the tiny GPT-2.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Residual, embedding and attention dropout.")
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        "tiny", description="Hub name, local checkpoint directory, or 'tiny' (a GPT-2 built from `tiny`)."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype when loading; keep float32 and use train.mixed_precision."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code from the hub (only if you trust it).")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the 'tiny' model.")
+
+
+class TokenizerConfig(Section):
+    name_or_path: str | None = Field(
+        None, description="Tokenizer to load; default: the model's. For 'tiny', one is trained on the data."
+    )
+    vocab_size: int = Field(2000, ge=300, description="Vocabulary size when a byte-level BPE is trained.")
+
+
+class SyntheticConfig(Section):
+    num_train: int = Field(4000, ge=1, description="Generated training examples.")
+    num_eval: int = Field(256, ge=1, description="Generated held-out examples.")
+    seed: int = Field(0, description="Generator seed: same seed, same data.")
+    label_noise: float = Field(0.1, ge=0, le=0.5, description="Fraction of comparison labels flipped.")
+
+
+class DataConfig(Section):
+    source: str = Field(
+        "synthetic:tldr",
+        description="synthetic:tldr | synthetic:hh | a hub dataset name | a local json/jsonl/parquet/csv "
+        "file (optionally .gz) or a save_to_disk directory.",
+    )
+    subset: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Training split.")
+    eval_split: str | None = Field(
+        None, description="Held-out split; default: the 'test'/'valid' split if present, else eval_fraction."
+    )
+    eval_fraction: float = Field(0.05, gt=0, lt=1, description="Held-out share when no eval split exists.")
+    format: Literal["auto", "tldr", "comparisons", "hh", "text"] = Field(
+        "auto",
+        description="tldr (prompt, label) | comparisons (prompt, chosen, rejected) | hh (chosen/rejected "
+        "dialogues) | text (one column trained whole); auto picks from the columns.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename columns to the schema's names, e.g. {prompt: post}."
+    )
+    max_length: int = Field(256, ge=8, description="Maximum tokens of prompt + completion.")
+    max_prompt_length: int = Field(192, ge=4, description="Prompts longer than this are truncated.")
+    max_examples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="synthetic:* sizes.")
+
+    @model_validator(mode="after")
+    def _prompt_fits(self):
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"data.max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                f"data.max_length ({self.max_length}) to leave room for the completion"
+            )
+        return self
+
+
+class TrainConfig(Section):
+    epochs: float | None = Field(2.0, gt=0, description="Passes over the data (ignored if max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    batch_size: int = Field(16, ge=1, description="Examples per micro-batch per process.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (wins over warmup_ratio).")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Warmup as a share of total steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases and norms).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    log_interval: int = Field(10, ge=1, description="Log train metrics every N optimizer steps.")
+
+
+class GenerationConfig(Section):
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per completion.")
+    do_sample: bool = Field(True, description="Sample (as PPO rollouts do) rather than greedy decode.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+
+
+class EvalConfig(Section):
+    interval: int = Field(0, ge=0, description="Evaluate every N optimizer steps; 0: only at start and end.")
+    at_start: bool = Field(True, description="Evaluate the initial model too (the 'before' column).")
+    num_samples: int = Field(128, ge=1, description="Held-out prompts generated for ROUGE / gold score.")
+    batch_size: int = Field(64, ge=1, description="Prompts per generation call.")
+    seed: int = Field(1234, description="Sampling seed of eval generation (same prompts, same noise).")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Generation kwargs.")
+
+
+class CheckpointConfig(Section):
+    interval: int = Field(100, ge=0, description="Save a resumable checkpoint every N steps; 0: only at the end.")
+    keep_last: int = Field(2, ge=1, description="Intermediate checkpoints kept (older ones deleted).")
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files (tb/).")
+    wandb: bool = Field(False, description="Also log to Weights & Biases (needs `pip install wandb`).")
+    wandb_project: str = Field("rlhf-cli", description="W&B project name.")
+    run_name: str | None = Field(None, description="Run name; default: stage-preset-seed-time.")
+
+
+class DistributedConfig(Section):
+    accelerate_config: str | None = Field(None, description="accelerate config file used by `accelerate launch`.")
+    deepspeed_config: str | None = Field(None, description="DeepSpeed JSON config (ZeRO stage, offload).")
+
+
+class StageConfig(Section):
+    stage: str
+    preset: str = Field("tiny", description="Preset applied from the file's `presets:` mapping.")
+    seed: int = Field(42, description="Seed of model init, data order and sampling.")
+    output_dir: str | None = Field(None, description="Where the checkpoint directory is written.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+
+
+class SFTConfig(StageConfig):
+    stage: Literal["sft"] = "sft"
+
+
+STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig}
+
+
+# --- loading -------------------------------------------------------------------------------------
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of keys, not a {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """'train.learning_rate=1e-4' -> {'train': {'learning_rate': 1e-4}} (the value is read as YAML)."""
+    if "=" not in item:
+        raise UserError(f"--set expects key=value (e.g. train.learning_rate=1e-4), got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set has an empty key in {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_like_float(raw):
+        value = float(raw)  # YAML 1.1 reads "1e-4" as a string
+    out: dict = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def _looks_like_float(raw: str) -> bool:
+    try:
+        float(raw)
+        return True
+    except ValueError:
+        return False
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid field names of the section reached by `loc` (used for did-you-mean)."""
+    cls: Any = model
+    for part in loc:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            break
+        ann = field.annotation
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if cls is None:
+            return []
+    return list(getattr(cls, "model_fields", {}))
+
+
+def _describe(err: dict, model: type[BaseModel], source: str) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    dotted = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(model, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join(loc[:-1] + (close[0],))}'?" if close else (
+            f"; valid keys here: {', '.join(valid)}" if valid else "")
+        return f"unknown key '{dotted}' in {source}{hint}"
+    got = err.get("input")
+    got_s = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        return msg[len("Value error, "):]
+    return f"'{dotted}' in {source}: {msg[0].lower() + msg[1:]}{got_s}"
+
+
+def validate(raw: dict, source: str) -> StageConfig:
+    """Validate a fully merged dict; raise UserError with one sentence on the first problem."""
+    stage = raw.get("stage")
+    if stage not in STAGES:
+        raise UserError(f"{source} must set 'stage' to one of {', '.join(STAGES)} (got {stage!r})")
+    model = STAGES[stage]
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        errors = e.errors()
+        first = _describe(errors[0], model, source)
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise UserError(first + more) from None
+
+
+def load_config(
+    path: str | Path | None,
+    stage: str,
+    overrides: list[str] = (),
+    preset: str | None = None,
+) -> StageConfig:
+    """Read a stage config, apply its preset and overrides, and validate it."""
+    raw: dict = _read_yaml(Path(path)) if path else {}
+    source = str(path) if path else "the defaults"
+    raw.setdefault("stage", stage)
+    if raw["stage"] != stage:
+        raise UserError(f"{source} is a '{raw['stage']}' config, but this is `rlhf {stage}`")
+    presets = raw.pop("presets", None) or {}
+    if not isinstance(presets, dict):
+        raise UserError(f"'presets' in {source} must map preset names to partial configs")
+    cli = {}
+    for item in overrides:
+        cli = deep_merge(cli, parse_override(item))
+    name = preset or cli.get("preset") or raw.get("preset") or "tiny"
+    if name not in presets and name != "tiny":
+        have = ", ".join(["tiny", *[p for p in presets if p != "tiny"]])
+        raise UserError(f"preset '{name}' is not defined in {source}; available: {have}")
+    merged = deep_merge(raw, presets.get(name) or {})
+    merged = deep_merge(merged, cli)
+    merged["preset"] = name
+    return validate(merged, source)
+
+
+def to_dict(cfg: BaseModel) -> dict:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""Data layer: sources (synthetic, local, hub) -> formatters -> tokenization. No training logic."""

@@ -1,0 +1,170 @@
+"""Dataset sources: `synthetic:<task>`, local files and directories, hub names -> lists of dicts.
+
+No formatting or tokenization here; see `formats.py` and `tokenize.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from ..hub import hub_error
+from . import synthetic
+
+_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class Split:
+    """Rows of one source, split into train and held-out, with where they came from."""
+
+    train: list[dict]
+    eval: list[dict]
+    source: str
+    synthetic_task: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for row in self.train:
+            h.update(json.dumps(row, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
+
+def is_hub_name(source: str) -> bool:
+    return not source.startswith("synthetic:") and not Path(source).expanduser().exists() and (
+        "/" in source and not source.startswith((".", "/", "~")) and source.count("/") == 1
+        and Path(source).suffix.lower() not in {*_LOCAL_BUILDERS, ".gz"}
+    )
+
+
+def _builder_for(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in {".gz", ".bz2", ".xz", ".zst"}:
+        suffixes = suffixes[:-1]
+    ext = suffixes[-1] if suffixes else ""
+    if ext not in _LOCAL_BUILDERS:
+        raise UserError(f"cannot read {path}: expected a .json, .jsonl, .parquet or .csv file (optionally .gz)")
+    return _LOCAL_BUILDERS[ext]
+
+
+def _to_rows(ds) -> list[dict]:
+    return [dict(r) for r in ds]
+
+
+def _load_local_file(path: Path) -> list[dict]:
+    import datasets
+
+    builder = _builder_for(path)
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"cannot read {path} as {builder}: {_first_line(e)}") from None
+    except Exception as e:  # datasets wraps parse errors in its own DatasetGenerationError
+        cause = e.__cause__ or e
+        if isinstance(cause, UnicodeDecodeError) or "utf-8" in str(cause).lower():
+            raise UserError(f"cannot read {path}: it is not UTF-8 text ({_first_line(cause)})") from None
+        raise UserError(f"cannot read {path} as {builder}: {_first_line(cause)}") from None
+    return _to_rows(ds)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _split(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic train/held-out split of one list of rows."""
+    import random
+
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(rows) * eval_fraction)) if len(rows) > 1 else 0
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+def load_source(data_cfg, kind: str, seed: int) -> Split:
+    """Load `data_cfg.source` into train and held-out rows.
+
+    kind: "sft" or "pairs" — which synthetic rows to generate (ignored for real data).
+    """
+    src = data_cfg.source.strip()
+    if src.startswith("synthetic:"):
+        task = src.split(":", 1)[1]
+        if task not in synthetic.TASKS:
+            raise UserError(f"unknown synthetic source '{src}'; choose synthetic:tldr or synthetic:hh")
+        s = data_cfg.synthetic
+        rows = synthetic.generate(task, s.num_train + s.num_eval, s.seed, kind=kind, label_noise=s.label_noise)
+        return Split(rows[: s.num_train], rows[s.num_train:], src, synthetic_task=task)
+
+    path = Path(src).expanduser()
+    if path.exists():
+        if path.is_dir():
+            rows_by_split = _load_dir(path, data_cfg)
+        else:
+            rows_by_split = {"train": _load_local_file(path)}
+    elif is_hub_name(src):
+        rows_by_split = _load_hub(src, data_cfg)
+    else:
+        raise UserError(f"data source '{src}' is not a file, a directory, a hub dataset name or synthetic:*")
+    return _pick_splits(rows_by_split, data_cfg, seed, src)
+
+
+def _pick_splits(rows_by_split: dict[str, list[dict]], data_cfg, seed: int, src: str) -> Split:
+    if data_cfg.split not in rows_by_split:
+        raise UserError(f"dataset '{src}' has no split '{data_cfg.split}' (it has: {', '.join(rows_by_split)})")
+    train = rows_by_split[data_cfg.split]
+    eval_name = data_cfg.eval_split or next(
+        (s for s in ("test", "valid", "validation") if s in rows_by_split and s != data_cfg.split), None
+    )
+    notes = []
+    if data_cfg.eval_split and data_cfg.eval_split not in rows_by_split:
+        raise UserError(f"dataset '{src}' has no split '{data_cfg.eval_split}' (it has: {', '.join(rows_by_split)})")
+    if eval_name:
+        held = rows_by_split[eval_name]
+        notes.append(f"held-out split: '{eval_name}'")
+    else:
+        train, held = _split(train, data_cfg.eval_fraction, seed)
+        notes.append(f"held-out: {len(held)} rows ({data_cfg.eval_fraction:.0%}) taken from '{data_cfg.split}'")
+    return Split(train, held, src, notes=notes)
+
+
+def _load_dir(path: Path, data_cfg) -> dict[str, list[dict]]:
+    import datasets
+
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists() or (path / "dataset_info.json").exists():
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:
+            raise UserError(f"cannot load the saved dataset in {path}: {_first_line(e)}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            return {k: _to_rows(v) for k, v in ds.items()}
+        return {"train": _to_rows(ds)}
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    out: dict[str, list[dict]] = {}
+    for f in files:
+        try:
+            _builder_for(f)
+        except UserError:
+            continue
+        name = f.name.split(".")[0]
+        split = next((s for s in ("train", "test", "valid", "validation") if s in name), name)
+        out.setdefault(split, []).extend(_load_local_file(f))
+    if not out:
+        raise UserError(f"directory {path} holds no saved dataset and no .json/.jsonl/.parquet/.csv files")
+    return out
+
+
+def _load_hub(name: str, data_cfg) -> dict[str, list[dict]]:
+    import datasets
+
+    try:
+        dsd = datasets.load_dataset(name, data_cfg.subset)
+    except Exception as e:
+        raise hub_error("dataset", name, e) from None
+    return {k: _to_rows(v) for k, v in dsd.items()}
+

@@ -1,0 +1,170 @@
+"""What every trainer shares: Accelerate set-up, optimizer and schedule, deterministic batching,
+run directories, checkpoint writing and resuming. No loss math here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as ck
+from ..config import to_dict
+from ..errors import UserError
+from ..tracking import MetricsLogger, read_metrics, truncate_metrics
+
+
+def setup_accelerator(cfg):
+    from accelerate import Accelerator
+
+    mp = cfg.train.mixed_precision
+    if mp == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def make_optimizer(model, train_cfg) -> torch.optim.Optimizer:
+    """AdamW; biases and norm weights (1-D parameters) get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": train_cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=train_cfg.learning_rate, betas=tuple(train_cfg.adam_betas),
+                             fused=False, foreach=None)
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based): linear warmup, then decay to 0."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer, train_cfg, total_steps: int):
+    warmup = train_cfg.warmup_steps or int(train_cfg.warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, train_cfg.scheduler))
+
+
+@dataclass
+class Batcher:
+    """Deterministic micro-batches: epoch e is a permutation seeded by (seed, e), sharded by rank.
+
+    Position is one integer (micro-batches consumed), so resuming is exact and needs no replay.
+    """
+
+    num_examples: int
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    _perm_epoch: int = field(default=-1, repr=False)
+    _perm: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, self.num_examples // (self.batch_size * self.world_size))
+
+    def indices(self, position: int) -> list[int]:
+        epoch, i = divmod(position, self.batches_per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.num_examples, generator=g).tolist(), epoch
+        start = (i * self.world_size + self.rank) * self.batch_size
+        return self._perm[start: start + self.batch_size]
+
+
+def total_steps(train_cfg, num_examples: int, world_size: int) -> tuple[int, int]:
+    """(optimizer steps, micro-batches per epoch) for the config and data size."""
+    per_epoch = max(1, num_examples // (train_cfg.batch_size * world_size))
+    if train_cfg.max_steps:
+        return train_cfg.max_steps, per_epoch
+    steps = math.ceil(per_epoch * train_cfg.epochs / train_cfg.gradient_accumulation_steps)
+    return max(1, steps), per_epoch
+
+
+def run_name(cfg) -> str:
+    return cfg.logging.run_name or f"{cfg.stage}-{cfg.preset}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class Run:
+    """One stage run's directories, logger and checkpoint writing (main process only writes)."""
+
+    def __init__(self, cfg, out: Path, accelerator, resume_from: Path | None):
+        self.cfg, self.out, self.acc = cfg, Path(out), accelerator
+        self.partial = ck.partial_dir(self.out)
+        self.resume_from = resume_from
+        self.started = ck.now()
+        main = accelerator.is_main_process
+        if main:
+            self.partial.mkdir(parents=True, exist_ok=True)
+            log = self.partial / ck.METRICS
+            if resume_from is not None:
+                shutil.copyfile(resume_from / ck.METRICS, log) if (resume_from / ck.METRICS).exists() else None
+            elif log.exists():
+                log.unlink()
+        self.logger = MetricsLogger(self.partial / ck.METRICS, cfg.logging, run_name(cfg), to_dict(cfg), enabled=main)
+        if main and resume_from is not None:
+            truncate_metrics(self.partial / ck.METRICS, (ck.read_progress(resume_from) or {}).get("step", 0))
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.logger.log(step, metrics)
+
+    def metrics(self) -> list[dict]:
+        return read_metrics(self.partial / ck.METRICS)
+
+    def _write(self, dest: Path, model, tokenizer, optimizer, scheduler, progress: dict, status: str,
+               manifest: dict, extra_files: dict[str, str] | None = None) -> None:
+        unwrapped = self.acc.unwrap_model(model)
+        unwrapped.save_pretrained(dest, state_dict=self.acc.get_state_dict(model), safe_serialization=True)
+        tokenizer.save_pretrained(dest)
+        ck.save_trainer_state(dest / ck.STATE_DIR, optimizer, scheduler, progress)
+        if (self.partial / ck.METRICS).exists():
+            shutil.copyfile(self.partial / ck.METRICS, dest / ck.METRICS)
+        for name, text in (extra_files or {}).items():
+            (dest / name).write_text(text)
+        if status == "complete":
+            manifest = {**manifest, "content_hash": ck.compute_content_hash(dest)}
+        ck.write_manifest(dest, status=status, stage=self.cfg.stage, config=to_dict(self.cfg),
+                          started=self.started, ended=ck.now(), step=progress["step"], **manifest)
+
+    def save_intermediate(self, model, tokenizer, optimizer, scheduler, progress: dict, manifest: dict) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            dest = self.partial / "checkpoints" / f"{ck.CKPT_PREFIX}{progress['step']:08d}"
+            with ck.atomic_dir(dest) as tmp:
+                self._write(tmp, model, tokenizer, optimizer, scheduler, progress, "partial", manifest)
+            ck.prune_checkpoints(self.out, self.cfg.checkpoint.keep_last)
+        self.acc.wait_for_everyone()
+
+    def save_final(self, model, tokenizer, optimizer, scheduler, progress: dict, manifest: dict,
+                   extra_files: dict[str, str] | None = None) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            self.logger.close()
+            with ck.atomic_dir(self.out) as tmp:
+                self._write(tmp, model, tokenizer, optimizer, scheduler, progress, "complete", manifest,
+                            extra_files)
+                if (self.partial / "tb").exists():
+                    shutil.copytree(self.partial / "tb", tmp / "tb")
+            shutil.rmtree(self.partial, ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+
+def load_resumed(resume_from: Path, optimizer, scheduler) -> dict:
+    return ck.load_trainer_state(resume_from / ck.STATE_DIR, optimizer, scheduler)
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -1,0 +1,251 @@
+"""Supervised fine-tuning: causal-LM loss on the completion (prompt tokens masked), or on the whole
+text for single-text data; periodic eval of ROUGE-1/2/L and, on synthetic data, the gold score.
+
+Loop: for each optimizer step, 1. draw the accumulation micro-batches, 2. count their label
+tokens, 3. backward sum-NLL / tokens, 4. clip and step; eval and checkpoint at their intervals.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as ck
+from ..data import formats
+from ..data.sources import is_hub_name, load_source
+from ..data.tokenize import collate_sft, encode_prompt, sft_features
+from ..errors import UserError
+from ..eval.generation import generate
+from ..eval.metrics import gold_scores, mean_and_stderr, rouge
+from ..losses.sft import sft_loss
+from ..models import count_params, load_policy, max_positions
+from . import common
+
+
+@dataclass
+class SFTData:
+    train: list[formats.SFTExample]
+    eval: list[formats.SFTExample]
+    dropped: int
+    fmt: str
+    fingerprint: str
+    notes: list[str]
+    synthetic_task: str | None
+
+
+def load_sft_data(cfg) -> SFTData:
+    split = load_source(cfg.data, kind="sft", seed=cfg.seed)
+    train_rows = formats.rename_columns(split.train, cfg.data.columns)
+    eval_rows = formats.rename_columns(split.eval, cfg.data.columns)
+    if not train_rows:
+        raise UserError(f"dataset '{cfg.data.source}' has no training rows")
+    fmt = formats.resolve_format(train_rows, cfg.data.format, cfg.data.source)
+    train, dropped = formats.sft_examples(train_rows, fmt)
+    held, dropped_eval = formats.sft_examples(eval_rows, fmt)
+    if cfg.data.max_examples:
+        train = train[: cfg.data.max_examples]
+    if not train:
+        raise UserError(f"dataset '{cfg.data.source}' has no usable examples ({dropped} rows were empty)")
+    return SFTData(train, held, dropped + dropped_eval, fmt, split.fingerprint(), split.notes, split.synthetic_task)
+
+
+def featurize(tokenizer, examples, data_cfg) -> tuple[list[dict], int]:
+    feats = [sft_features(tokenizer, e.prompt, e.completion, data_cfg.max_length, data_cfg.max_prompt_length)
+             for e in examples]
+    return feats, sum(f["prompt_truncated"] for f in feats)
+
+
+def evaluate(model, tokenizer, data: SFTData, feats_eval: list[dict], cfg, progress) -> tuple[dict, list[dict]]:
+    """Held-out loss, and ROUGE / gold of generated completions for `eval.num_samples` prompts."""
+    ev = cfg.eval
+    device = next(model.parameters()).device
+    metrics: dict[str, float] = {}
+    if feats_eval:
+        model.eval()
+        total, count = 0.0, 0
+        with torch.inference_mode():
+            for i in range(0, min(len(feats_eval), ev.num_samples), ev.batch_size):
+                b = collate_sft(feats_eval[i: i + ev.batch_size], tokenizer.pad_token_id)
+                logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+                out = sft_loss(logits, b["labels"].to(device))
+                total, count = total + out.loss_sum.item(), count + out.num_tokens.item()
+        model.train()
+        metrics["eval/loss"] = total / max(1, count)
+    examples = [e for e in data.eval if e.prompt][: ev.num_samples]
+    samples: list[dict] = []
+    if examples:
+        prompt_budget = cfg.data.max_prompt_length
+        ids = [encode_prompt(tokenizer, e.prompt, prompt_budget)[0] for e in examples]
+        outs = generate(model, tokenizer, ids, ev.generation, ev.batch_size, ev.seed, progress)
+        texts = tokenizer.batch_decode(outs, skip_special_tokens=True)
+        metrics.update({f"eval/{k}": v for k, v in rouge(texts, [e.completion for e in examples]).items()})
+        metrics["eval/response_length"] = sum(len(o) for o in outs) / len(outs)
+        gold = gold_scores([e.prompt for e in examples], texts)
+        if gold is not None:
+            metrics["eval/gold"], metrics["eval/gold_stderr"] = mean_and_stderr(gold)
+        samples = [{"prompt": e.prompt, "reference": e.completion, "completion": t,
+                    **({"gold": g} if gold is not None else {})}
+                   for e, t, g in zip(examples, texts, gold or [None] * len(texts))]
+    return metrics, samples
+
+
+def plan(cfg, out: Path, world_size: int = 1) -> dict:
+    """Validate config, data and model without training; what `--dry-run` prints."""
+    info: dict = {"output_dir": str(out), "stage": "sft", "preset": cfg.preset}
+    if is_hub_name(cfg.data.source):
+        info["data"] = f"would fetch dataset '{cfg.data.source}' from the hub (not downloaded in --dry-run)"
+        data = None
+    else:
+        data = load_sft_data(cfg)
+        info["data"] = f"{cfg.data.source} ({data.fmt}): {len(data.train)} train, {len(data.eval)} held-out"
+    name = cfg.model.name_or_path
+    if name != "tiny" and not Path(name).expanduser().exists():
+        info["model"] = f"would fetch model '{name}' from the hub (not downloaded in --dry-run)"
+        steps = cfg.train.max_steps
+        info["optimizer_steps"] = steps if steps else "depends on the dataset size"
+        return info
+    if data is None:
+        info["model"] = name
+        return info
+    tok, model = load_policy(cfg, [e.prompt + e.completion for e in data.train])
+    feats, truncated = featurize(tok, data.train, cfg.data)
+    steps, per_epoch = common.total_steps(cfg.train, len(feats), world_size)
+    mean_len = sum(len(f["input_ids"]) for f in feats) / len(feats)
+    per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world_size
+    info.update({
+        "model": f"{name}: {count_params(model) / 1e6:.2f}M parameters, vocabulary {len(tok)}",
+        "sequence": f"mean {mean_len:.0f} tokens, max {max(len(f['input_ids']) for f in feats)}; "
+                    f"{truncated} prompts truncated to {cfg.data.max_prompt_length}",
+        "optimizer_steps": steps,
+        "examples_per_step": per_step,
+        "estimated_tokens": int(steps * per_step * mean_len),
+        "dropped_rows": data.dropped,
+    })
+    return info
+
+
+def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=None) -> dict:
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    resume_from = ck.prepare_output(out, resume, overwrite)
+    acc = common.setup_accelerator(cfg)
+    torch.manual_seed(cfg.seed)
+
+    # 1. data and model (a resumed run reloads both from its checkpoint)
+    data = load_sft_data(cfg)
+    if resume_from is not None:
+        rcfg = cfg.model_copy(deep=True)
+        rcfg.model.name_or_path, rcfg.tokenizer.name_or_path = str(resume_from), str(resume_from)
+        tok, model = load_policy(rcfg)
+    else:
+        tok, model = load_policy(cfg, [e.prompt + e.completion for e in data.train])
+    limit = max_positions(model)
+    if limit and cfg.data.max_length > limit:
+        raise UserError(f"data.max_length ({cfg.data.max_length}) exceeds the model's {limit} positions")
+    feats, truncated = featurize(tok, data.train, cfg.data)
+    feats_eval, _ = featurize(tok, data.eval, cfg.data)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+    steps, _ = common.total_steps(cfg.train, len(feats), acc.num_processes)
+    if resume_from is not None and (ck.read_progress(resume_from) or {}).get("step", 0) >= steps and resume_from == out:
+        console.print(f"[green]{out} is already complete at step {steps}; nothing to do.[/]")
+        return ck.read_manifest(out) or {}
+
+    optimizer = common.make_optimizer(model, cfg.train)
+    scheduler = common.make_scheduler(optimizer, cfg.train, steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, acc.process_index, acc.num_processes)
+    progress_state = {"step": 0, "micro_step": 0, "examples": 0, "tokens": 0}
+    run_ = common.Run(cfg, out, acc, resume_from)
+    if resume_from is not None:
+        progress_state = common.load_resumed(resume_from, optimizer, scheduler)
+        console.print(f"resuming from {resume_from} at step {progress_state['step']}")
+
+    manifest = {
+        "parent": ck.parent_info(cfg.model.name_or_path),
+        "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,
+                 "train_examples": len(feats), "eval_examples": len(feats_eval),
+                 "prompts_truncated": truncated, "rows_dropped": data.dropped},
+    }
+    console.print(f"sft: {len(feats)} examples ({data.fmt}), {steps} optimizer steps, "
+                  f"{count_params(model) / 1e6:.2f}M parameters -> {out}")
+    for note in data.notes:
+        console.print(f"  {note}")
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}")]
+    first_eval: dict = {}
+    last_eval: dict = {}
+    samples: list[dict] = []
+    with Progress(*columns, console=console, disable=not acc.is_main_process, transient=False) as progress:
+        if cfg.eval.at_start and progress_state["step"] == 0:
+            first_eval, _ = evaluate(model, tok, data, feats_eval, cfg, progress)
+            run_.log(0, first_eval)
+        bar = progress.add_task("sft", total=steps, completed=progress_state["step"], info="")
+        model.train()
+        accum = cfg.train.gradient_accumulation_steps
+        t_last, tokens_last = time.perf_counter(), progress_state["tokens"]
+        while progress_state["step"] < steps:
+            # 1. the micro-batches of this optimizer step
+            batches = []
+            for _ in range(accum):
+                idx = batcher.indices(progress_state["micro_step"])
+                progress_state["micro_step"] += 1
+                batches.append(collate_sft([feats[i] for i in idx], tok.pad_token_id))
+            # 2. the loss is normalised by the label tokens of the whole accumulated batch
+            n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            loss_total = 0.0
+            for j, b in enumerate(batches):
+                b = {k: v.to(acc.device) for k, v in b.items()}
+                with acc.autocast():
+                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                out_ = sft_loss(logits, b["labels"])
+                loss = out_.loss_sum / max(1, n_tokens)
+                # 3. backward
+                acc.backward(loss)
+                loss_total += loss.item()
+            if not torch.isfinite(torch.tensor(loss_total)):
+                raise UserError(f"the loss became {loss_total} at step {progress_state['step'] + 1}; "
+                                f"the last good checkpoint is kept (lower train.learning_rate?)")
+            # 4. clip and step
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm) \
+                if cfg.train.max_grad_norm else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress_state["step"] += 1
+            progress_state["examples"] += sum(len(b["input_ids"]) for b in batches)
+            progress_state["tokens"] += sum(int(b["attention_mask"].sum()) for b in batches)
+            step = progress_state["step"]
+            progress.update(bar, advance=1, info=f"loss {loss_total:.3f}")
+
+            if step % cfg.train.log_interval == 0 or step == steps:
+                dt = time.perf_counter() - t_last
+                run_.log(step, {"train/loss": loss_total, "train/lr": scheduler.get_last_lr()[0],
+                                "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                                "train/tokens_per_s": (progress_state["tokens"] - tokens_last) / max(dt, 1e-9),
+                                "train/epoch": progress_state["micro_step"] / batcher.batches_per_epoch})
+                t_last, tokens_last = time.perf_counter(), progress_state["tokens"]
+            if cfg.eval.interval and step % cfg.eval.interval == 0 and step != steps:
+                metrics, _ = evaluate(model, tok, data, feats_eval, cfg, progress)
+                run_.log(step, metrics)
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != steps:
+                run_.save_intermediate(model, tok, optimizer, scheduler, progress_state, manifest)
+
+        last_eval, samples = evaluate(model, tok, data, feats_eval, cfg, progress)
+        run_.log(steps, last_eval)
+    if not first_eval:
+        first_eval = next((r for r in run_.metrics() if r["step"] == 0 and "eval/loss" in r), {})
+    final = {k: v for k, v in last_eval.items()}
+    manifest["metrics"] = final
+    manifest["initial_metrics"] = {k: v for k, v in first_eval.items() if k.startswith("eval/")}
+    run_.save_final(model, tok, optimizer, scheduler, progress_state, manifest,
+                    {"eval_samples.jsonl": common.jsonl(samples)})
+    return {"initial": manifest["initial_metrics"], "final": final, "output_dir": str(out), "steps": steps}

@@ -1,0 +1,72 @@
+from pathlib import Path
+
+import pytest
+
+from rlhf_cli.data.formats import split_hh, sft_examples
+from rlhf_cli.data.tokenize import IGNORE_INDEX, collate_sft, encode_prompt, sft_features
+from rlhf_cli.models import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = ["SUBREDDIT: r/tifu\nTITLE: a b\nPOST: one two three four five six seven eight nine ten\nTL;DR: sum",
+             "\n\nHuman: old turn\n\nAssistant: old reply\n\nHuman: new question\n\nAssistant: answer"] * 50
+    return train_tokenizer(texts, vocab_size=300, model_max_length=128)
+
+
+def test_prompt_tokens_are_masked_and_eos_is_learned(tok):
+    f = sft_features(tok, "POST: one two\nTL;DR:", " sum", max_length=64, max_prompt_length=32)
+    n_prompt = len(tok("POST: one two\nTL;DR:")["input_ids"])
+    assert f["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert f["labels"][n_prompt:] == f["input_ids"][n_prompt:]
+    assert f["input_ids"][-1] == tok.eos_token_id
+    assert tok.decode(f["input_ids"][n_prompt:-1]) == " sum"
+
+
+def test_whole_text_examples_train_every_token(tok):
+    f = sft_features(tok, "", "one two three", max_length=64, max_prompt_length=32)
+    assert IGNORE_INDEX not in f["labels"]
+
+
+def test_truncation_keeps_the_tldr_separator_and_the_start_of_the_post(tok):
+    prompt = "SUBREDDIT: r/tifu\nTITLE: a b\nPOST: " + " ".join(["one two three"] * 30) + "\nTL;DR:"
+    ids, cut = encode_prompt(tok, prompt, 20)
+    assert cut and len(ids) == 20
+    text = tok.decode(ids)
+    assert text.endswith("TL;DR:") and text.startswith("SUBREDDIT: r/tifu")
+
+
+def test_truncation_keeps_the_last_dialogue_turn(tok):
+    prompt = "\n\nHuman: " + "old turn " * 40 + "\n\nAssistant: old reply\n\nHuman: new question\n\nAssistant:"
+    ids, cut = encode_prompt(tok, prompt, 16)
+    text = tok.decode(ids)
+    assert cut and len(ids) == 16 and text.endswith("new question\n\nAssistant:")
+
+
+def test_completion_is_cut_to_max_length(tok):
+    f = sft_features(tok, "POST: one\nTL;DR:", " one two three four five six seven eight nine ten" * 5,
+                     max_length=12, max_prompt_length=8)
+    assert len(f["input_ids"]) == 12 and len(f["labels"]) == 12
+
+
+def test_collate_pads_right_and_masks_padding(tok):
+    a = sft_features(tok, "POST: one\nTL;DR:", " sum", 64, 32)
+    b = sft_features(tok, "POST: one two three four five\nTL;DR:", " sum", 64, 32)
+    batch = collate_sft([a, b], tok.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape
+    short = len(a["input_ids"])
+    assert (batch["labels"][0, short:] == IGNORE_INDEX).all()
+    assert (batch["attention_mask"][0, short:] == 0).all() and batch["attention_mask"][1].all()
+
+
+def test_hh_split_at_last_assistant_turn():
+    d = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help?\n\nAssistant: sure thing"
+    prompt, completion = split_hh(d)
+    assert prompt == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: help?\n\nAssistant:"
+    assert completion == " sure thing"
+
+
+def test_formats_drop_empty_rows():
+    rows = [{"prompt": "p\nTL;DR:", "label": " s"}, {"prompt": "q\nTL;DR:", "label": "  "}]
+    ex, dropped = sft_examples(rows, "tldr")
+    assert len(ex) == 1 and dropped == 1
