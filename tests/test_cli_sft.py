@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def assert_one_sentence(result, pattern):
     assert result.exit_code == 2, result.output
     text = (result.stderr if hasattr(result, "stderr") else result.output).strip()
     assert "Traceback" not in result.output
-    assert len(text.splitlines()) <= 2 and text.startswith("error:"), text  # rich may wrap one sentence
+    assert len(text.splitlines()) == 1 and text.startswith("error:"), text
     import re
     assert re.search(pattern, " ".join(text.split())), text
 
@@ -63,7 +64,7 @@ def test_checkpoint_loads_with_plain_transformers(sft_run):
             "m=AutoModelForCausalLM.from_pretrained(d); t=AutoTokenizer.from_pretrained(d);"
             "ids=t('SUBREDDIT: r/tifu', return_tensors='pt').input_ids;"
             "print(m.generate(ids, max_new_tokens=3, pad_token_id=t.pad_token_id).shape[1] - ids.shape[1])")
-    out = subprocess.run([os.environ.get("PYTHON", "python"), "-c", code, str(sft_run)], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code, str(sft_run)], capture_output=True,
                          text=True, cwd="/", env={**os.environ, "PYTHONPATH": ""})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "3"
@@ -112,10 +113,10 @@ def test_bad_input_is_one_sentence_and_exit_2(case, tmp_path):
         "wrong_type": (["--set", "train.batch_size=lots"], "'train.batch_size'.*integer"),
         "missing_config": ([], "config file .*nope.yaml does not exist"),
         "missing_data": (["--set", f"data.source={tmp_path}/none.jsonl"], "is not a file, a directory"),
-        "empty": (["--set", f"data.source={_data_file(tmp_path, [])}"], "no rows|no training rows|cannot read"),
-        "missing_column": (["--set", f"data.source={_data_file(tmp_path, [{'prompt': 'a', 'label': 'b'}] * 4)}",
+        "empty": (["--set", f"data.source={_data_file(tmp_path, [], 'empty.jsonl')}"], "no rows|no training rows|cannot read"),
+        "missing_column": (["--set", f"data.source={_data_file(tmp_path, [{'prompt': 'a', 'label': 'b'}] * 4, 'cols.jsonl')}",
                             "--set", "data.format=comparisons"], "has no column 'chosen' needed by format 'comparisons'"),
-        "bad_utf8": ([], "not UTF-8"),
+        "bad_utf8": ([], "line 2 of .*bad.jsonl is not UTF-8 text"),
         "hub_offline": (["--set", "model.name_or_path=someone/missing-model"], "hub is unreachable|cannot load model"),
         "bad_yaml": ([], "not valid YAML"),
     }[case]

@@ -40,7 +40,8 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")
 
 def _fail(message: str, code: int = 2):
     message = message.rstrip()
-    err.print(f"[bold red]error:[/] {message}{'' if message.endswith(('.', '?', '!')) else '.'}", highlight=False)
+    err.print(f"[bold red]error:[/] {message}{'' if message.endswith(('.', '?', '!')) else '.'}", highlight=False,
+              soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -74,6 +75,17 @@ def _sigterm_as_interrupt() -> None:
         signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
         pass
+
+
+def _quiet_libraries() -> None:
+    """Our progress bars and messages only: no per-file bars from datasets / transformers."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 def _resolve(stage: str, config, sets, preset, seed, output_dir):
@@ -131,6 +143,7 @@ def sft(config: ConfigOpt = None, set_: SetOpt = None, preset: PresetOpt = None,
     def go():
         from .trainers import sft as trainer
 
+        _quiet_libraries()
         cfg, dest = _resolve("sft", config, set_, preset, seed, output_dir)
         if dry_run:
             return _print_plan(cfg, trainer.plan(cfg, dest))

@@ -104,6 +104,7 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast precision.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    group_by_length: bool = Field(True, description="Batch examples of similar length (less padding).")
     log_interval: int = Field(10, ge=1, description="Log train metrics every N optimizer steps.")
 
 

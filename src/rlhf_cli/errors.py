@@ -4,6 +4,3 @@
 class UserError(Exception):
     """Bad input from the user (config, data, checkpoint, paths). The message is one sentence."""
 
-
-class Interrupted(Exception):
-    """The run was interrupted (SIGINT/SIGTERM) after saving what could be saved."""

@@ -60,15 +60,30 @@ def _load_local_file(path: Path) -> list[dict]:
 
     builder = _builder_for(path)
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except (UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"cannot read {path} as {builder}: {_first_line(e)}") from None
+        return _to_rows(datasets.load_dataset(builder, data_files=str(path), split="train"))
     except Exception as e:  # datasets wraps parse errors in its own DatasetGenerationError
         cause = e.__cause__ or e
         if isinstance(cause, UnicodeDecodeError) or "utf-8" in str(cause).lower():
-            raise UserError(f"cannot read {path}: it is not UTF-8 text ({_first_line(cause)})") from None
+            line = _first_non_utf8_line(path)
+            where = f"line {line} of {path}" if line else str(path)
+            raise UserError(f"{where} is not UTF-8 text; re-encode the file as UTF-8") from None
         raise UserError(f"cannot read {path} as {builder}: {_first_line(cause)}") from None
-    return _to_rows(ds)
+
+
+def _first_non_utf8_line(path: Path) -> int | None:
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return n
+    except OSError:
+        return None
+    return None
 
 
 def _first_line(e: BaseException) -> str:

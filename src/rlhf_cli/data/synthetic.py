@@ -44,7 +44,6 @@ KEY_SENTENCES = [
     "Long story short, my {who} {action} my {obj} at a party.",
 ]
 FILLERS_PER_POST = (0, 3)  # posts of varied length; short ones are where copying the facts is learned first
-KEY_FIRST = False  # the key sentence opens the post (else: anywhere)
 FILLERS = [
     "We have known each other for {n} years.",
     "I am {age} and they are {age2}.",
@@ -84,17 +83,14 @@ PETS = ["dog", "cat", "rabbit", "parrot", "hamster", "horse", "turtle", "goldfis
         "lizard", "ferret"]
 SYMPTOMS = ["sneezing", "limping", "scratching", "coughing", "shaking", "hiding", "vomiting", "drooling",
             "wheezing", "panting", "biting", "whining"]
-REMEDIES = ["vet", "rest", "water", "food"]  # the advice word: "vet" is the key one
 RUDE = ["stupid", "idiot", "dumb", "whatever", "shut"]
 HH_KEY = [
     "my {pet} keeps {symptom}.",
     "my {pet} has been {symptom} since yesterday.",
     "for two days my {pet} has been {symptom}.",
 ]
-HH_FILLERS_PER_POST = (1, 3)  # filler sentences around the key sentence
-KEY_FIRST = False  # the key sentence opens the post (else: anywhere)
-FILLERS = ["i am a bit worried.", "it is an old animal.", "my {other} says it is nothing.",
-              "we just moved to a new house.", "it still eats normally."]
+HH_FILLERS = ["i am a bit worried.", "it is an old animal.", "my {other} says it is nothing.",
+                 "we just moved to a new house.", "it still eats normally."]
 HH_OPENERS = ["\n\nHuman: hi there\n\nAssistant: hello, how can i help you today?",
               "\n\nHuman: can i ask you something about animals?\n\nAssistant: of course, go ahead."]
 HH_STYLES = [
@@ -199,8 +195,7 @@ def _tldr_prompt(rng: random.Random) -> tuple[str, dict]:
     slots = dict(who=who, action=rng.choice(ACTIONS), obj=rng.choice(OBJECTS), other=other,
                  wrong=wrong, n=rng.randint(2, 15), age=rng.randint(18, 40), age2=rng.randint(18, 40))
     sentences = [s.format(**slots) for s in rng.sample(FILLERS, rng.randint(*FILLERS_PER_POST))]
-    at = rng.randint(0, len(sentences))
-    sentences.insert(0 if KEY_FIRST else at, rng.choice(KEY_SENTENCES).format(**slots))
+    sentences.insert(rng.randint(0, len(sentences)), rng.choice(KEY_SENTENCES).format(**slots))
     title = rng.choice(TITLES).format(**slots)
     prompt = f"SUBREDDIT: r/{rng.choice(SUBREDDITS)}\nTITLE: {title}\nPOST: {' '.join(sentences)}\nTL;DR:"
     return prompt, slots

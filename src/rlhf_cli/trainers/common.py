@@ -61,7 +61,9 @@ def make_scheduler(optimizer, train_cfg, total_steps: int):
 class Batcher:
     """Deterministic micro-batches: epoch e is a permutation seeded by (seed, e), sharded by rank.
 
-    Position is one integer (micro-batches consumed), so resuming is exact and needs no replay.
+    With `lengths`, examples are grouped by length inside windows of 50 batches (HF Trainer's
+    group_by_length) so a batch pads little; the batches of an epoch are then shuffled. Position is
+    one integer (micro-batches consumed), so resuming is exact and needs no replay.
     """
 
     num_examples: int
@@ -69,20 +71,33 @@ class Batcher:
     seed: int
     rank: int = 0
     world_size: int = 1
-    _perm_epoch: int = field(default=-1, repr=False)
-    _perm: list[int] = field(default_factory=list, repr=False)
+    lengths: list[int] | None = None
+    _epoch: int = field(default=-1, repr=False)
+    _batches: list[list[int]] = field(default_factory=list, repr=False)
 
     @property
     def batches_per_epoch(self) -> int:
         return max(1, self.num_examples // (self.batch_size * self.world_size))
 
+    def _plan_epoch(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        perm = torch.randperm(self.num_examples, generator=g).tolist()
+        step = self.batch_size * self.world_size  # one global batch: every rank's share
+        perm = perm[: self.batches_per_epoch * step]
+        if self.lengths is not None:
+            window = step * 50
+            perm = [i for w in range(0, len(perm), window)
+                    for i in sorted(perm[w: w + window], key=lambda i: -self.lengths[i])]
+        batches = [perm[i: i + step] for i in range(0, len(perm), step)]
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[o] for o in order]
+
     def indices(self, position: int) -> list[int]:
         epoch, i = divmod(position, self.batches_per_epoch)
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.num_examples, generator=g).tolist(), epoch
-        start = (i * self.world_size + self.rank) * self.batch_size
-        return self._perm[start: start + self.batch_size]
+        if epoch != self._epoch:
+            self._batches, self._epoch = self._plan_epoch(epoch), epoch
+        start = self.rank * self.batch_size
+        return self._batches[i][start: start + self.batch_size]
 
 
 def total_steps(train_cfg, num_examples: int, world_size: int) -> tuple[int, int]:

@@ -159,7 +159,8 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     optimizer = common.make_optimizer(model, cfg.train)
     scheduler = common.make_scheduler(optimizer, cfg.train, steps)
     model, optimizer = acc.prepare(model, optimizer)
-    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, acc.process_index, acc.num_processes)
+    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, acc.process_index, acc.num_processes,
+                             [len(f["input_ids"]) for f in feats] if cfg.train.group_by_length else None)
     progress_state = {"step": 0, "micro_step": 0, "examples": 0, "tokens": 0}
     run_ = common.Run(cfg, out, acc, resume_from)
     if resume_from is not None:
