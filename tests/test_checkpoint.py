@@ -12,10 +12,9 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
     with ck.atomic_dir(final) as tmp:
         (tmp / "a.txt").write_text("one")
     assert (final / "a.txt").read_text() == "one"
-    with pytest.raises(RuntimeError):
-        with ck.atomic_dir(final) as tmp:
-            (tmp / "a.txt").write_text("two")
-            raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError), ck.atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("two")
+        raise RuntimeError("disk full")
     assert (final / "a.txt").read_text() == "one"  # the old checkpoint is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp sibling left
     with ck.atomic_dir(final) as tmp:

@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -27,14 +27,14 @@ def _root() -> None:
 
 out = Console()
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Stage config YAML.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a key: --set train.learning_rate=1e-4 (repeatable).")]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Preset from the config's `presets:` (default: tiny).")]
-OutOpt = Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Checkpoint directory to write.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Stage config YAML.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: --set train.learning_rate=1e-4 (repeatable).")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="Preset from the config's `presets:` (default: tiny).")]
+OutOpt = Annotated[Path | None, typer.Option("--output-dir", "-o", help="Checkpoint directory to write.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory (when the new one is complete).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Validate config, data and model; print the plan; train nothing.")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Override the config's seed.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Override the config's seed.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")]
 
 

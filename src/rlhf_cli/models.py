@@ -64,7 +64,7 @@ def checkpoint_kind(path: Path) -> str | None:
     archs = read_model_config(path).get("architectures") or []
     if any(a.endswith(REWARD_ARCH) for a in archs):
         return "reward"
-    if any(a.endswith(POLICY_ARCH) or a.endswith("LMHeadModel") for a in archs):
+    if any(a.endswith((POLICY_ARCH, "LMHeadModel")) for a in archs):
         return "policy"
     return None
 

@@ -39,9 +39,9 @@ class MetricsLogger:
         record = {"step": step, "time": round(time.time(), 3), **clean}
         with open(self.path, "a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
-        for k, v in clean.items():
-            if isinstance(v, float) and math.isfinite(v):
-                if self.tb is not None:
+        if self.tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log(clean, step=step)

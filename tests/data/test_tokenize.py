@@ -1,8 +1,7 @@
-from pathlib import Path
 
 import pytest
 
-from rlhf_cli.data.formats import split_hh, sft_examples
+from rlhf_cli.data.formats import sft_examples, split_hh
 from rlhf_cli.data.tokenize import IGNORE_INDEX, collate_sft, encode_prompt, sft_features
 from rlhf_cli.models import train_tokenizer
 

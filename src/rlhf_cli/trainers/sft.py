@@ -112,7 +112,7 @@ def plan(cfg, out: Path, world_size: int = 1) -> dict:
         return info
     tok, model = load_policy(cfg, [e.prompt + e.completion for e in data.train])
     feats, truncated = featurize(tok, data.train, cfg.data)
-    steps, per_epoch = common.total_steps(cfg.train, len(feats), world_size)
+    steps, _ = common.total_steps(cfg.train, len(feats), world_size)
     mean_len = sum(len(f["input_ids"]) for f in feats) / len(feats)
     per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world_size
     info.update({
