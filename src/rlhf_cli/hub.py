@@ -31,7 +31,7 @@ def hub_error(what: str, name: str, exc: BaseException | None = None) -> UserErr
     if not hub_reachable():
         return UserError(
             f"cannot fetch {what} '{name}': it is not a local path and the Hugging Face hub is unreachable "
-            "(offline); pass a local directory or file instead"
+            "(offline); pass a local path, or set HF_HUB_OFFLINE=1 to use a cached copy"
         )
     detail = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else ""
     return UserError(f"cannot load {what} '{name}' from the Hugging Face hub: {detail or type(exc).__name__}")

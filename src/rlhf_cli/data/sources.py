@@ -177,6 +177,10 @@ def _load_dir(path: Path, data_cfg) -> dict[str, list[dict]]:
 def _load_hub(name: str, data_cfg) -> dict[str, list[dict]]:
     import datasets
 
+    from ..hub import hub_reachable, offline_mode
+
+    if not offline_mode() and not hub_reachable():
+        raise hub_error("dataset", name)  # fail in seconds, not after datasets' retries
     try:
         dsd = datasets.load_dataset(name, data_cfg.subset)
     except Exception as e:

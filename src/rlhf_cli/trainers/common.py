@@ -125,8 +125,8 @@ class Run:
         if main:
             self.partial.mkdir(parents=True, exist_ok=True)
             log = self.partial / ck.METRICS
-            if resume_from is not None:
-                shutil.copyfile(resume_from / ck.METRICS, log) if (resume_from / ck.METRICS).exists() else None
+            if resume_from is not None and (resume_from / ck.METRICS).exists():
+                shutil.copyfile(resume_from / ck.METRICS, log)  # the live log restarts from the checkpoint's
             elif log.exists():
                 log.unlink()
         self.logger = MetricsLogger(self.partial / ck.METRICS, cfg.logging, run_name(cfg), to_dict(cfg), enabled=main)
@@ -179,6 +179,20 @@ class Run:
 
 def load_resumed(resume_from: Path, optimizer, scheduler) -> dict:
     return ck.load_trainer_state(resume_from / ck.STATE_DIR, optimizer, scheduler)
+
+
+def config_changes(cfg, resume_from: Path) -> list[str]:
+    """Dotted keys whose value differs from the config the checkpoint was trained with."""
+    saved = (ck.read_manifest(resume_from) or {}).get("config") or {}
+
+    def diff(a, b, prefix=""):
+        for k in sorted(set(a) | set(b)):
+            x, y = a.get(k), b.get(k)
+            if isinstance(x, dict) and isinstance(y, dict):
+                yield from diff(x, y, f"{prefix}{k}.")
+            elif x != y and k != "output_dir":
+                yield f"{prefix}{k}"
+    return list(diff(to_dict(cfg), saved)) if saved else []
 
 
 def jsonl(rows: list[dict]) -> str:

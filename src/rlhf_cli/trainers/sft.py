@@ -166,6 +166,9 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     if resume_from is not None:
         progress_state = common.load_resumed(resume_from, optimizer, scheduler)
         console.print(f"resuming from {resume_from} at step {progress_state['step']}")
+        changed = common.config_changes(cfg, resume_from)
+        if changed:
+            console.print(f"[yellow]warning:[/] the config differs from the checkpoint's in {', '.join(changed)}")
 
     manifest = {
         "parent": ck.parent_info(cfg.model.name_or_path),
