@@ -175,3 +175,9 @@ def test_sigkill_then_resume_ends_at_the_planned_step(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     steps_logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == sorted(steps_logged)  # no duplicate records after the resume point
+
+
+def test_tensorboard_events_land_in_the_checkpoint(tmp_path):
+    r = run_cli("sft", "--config", CONFIG, "--output-dir", str(tmp_path / "tb"), *MICRO, "--set", "logging.tensorboard=true")
+    assert r.exit_code == 0, r.output
+    assert list((tmp_path / "tb" / "tb").glob("events.out.tfevents.*"))
