@@ -151,6 +151,69 @@ def sft(config: ConfigOpt = None, set_: SetOpt = None, preset: PresetOpt = None,
     _guard(debug, go)
 
 
+InitOpt = Annotated[str | None, typer.Option("--init-from", help="Start from this checkpoint (e.g. runs/sft) or hub name.")]
+
+
+@app.command("train-rm", epilog="Example: rlhf train-rm --config stage_configs/tldr_rm.yaml --init-from runs/sft "
+             "--output-dir runs/rm")
+def train_rm(config: ConfigOpt = None, init_from: InitOpt = None, set_: SetOpt = None, preset: PresetOpt = None,
+             output_dir: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+             dry_run: DryRunOpt = False, seed: SeedOpt = None, debug: DebugOpt = False):
+    """Train a reward model (scalar head, Bradley-Terry loss) on preference pairs."""
+    def go():
+        from .trainers import reward as trainer
+
+        _quiet_libraries()
+        cfg, dest = _resolve("rm", config, set_, preset, seed, output_dir)
+        if init_from:
+            cfg.init_from = init_from
+        if dry_run:
+            return _print_plan(cfg, trainer.plan(cfg, dest))
+        _print_results(trainer.run(cfg, dest, resume=resume, overwrite=overwrite, console=err), "train-rm")
+    _guard(debug, go)
+
+
+@app.command(epilog="Example: rlhf score --data samples.jsonl --reward-ckpt runs/rm --output scored.jsonl")
+def score(
+    data: Annotated[Path, typer.Option("--data", help="JSONL of {prompt, completion} rows (optionally reference).")],
+    reward_ckpt: Annotated[str | None, typer.Option("--reward-ckpt", help="Reward-model checkpoint.")] = None,
+    reward_fn: Annotated[str | None, typer.Option("--reward-fn", help="Python reward: module:function.")] = None,
+    reward_url: Annotated[str | None, typer.Option("--reward-url", help="HTTP reward endpoint (token from $RLHF_REWARD_TOKEN).")] = None,
+    delta: Annotated[bool, typer.Option("--delta", help="Score minus the score of each row's `reference`.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", help="Write the rows with their scores here (JSONL).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    device: Annotated[str | None, typer.Option("--device", help="Device of a reward checkpoint (cpu, cuda:1).")] = None,
+    debug: DebugOpt = False,
+):
+    """Score (prompt, completion) pairs with a reward model, a Python function or an HTTP endpoint."""
+    def go():
+        import json
+
+        from .eval.metrics import mean_and_stderr
+        from .rewards import make_reward
+
+        _quiet_libraries()
+        if not data.is_file():
+            raise UserError(f"data file {data} does not exist")
+        try:
+            rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{data} is not JSONL text: {e}") from None
+        if not rows:
+            raise UserError(f"data file {data} has no rows")
+        missing = next((c for c in ("prompt", "completion") if c not in rows[0]), None)
+        if missing:
+            raise UserError(f"{data} has no column '{missing}' (columns: {', '.join(rows[0])})")
+        source = make_reward(reward_ckpt, reward_fn, reward_url, delta=delta, device=device, batch_size=batch_size)
+        meta = {"references": [r.get("reference", "") for r in rows]} if delta else {}
+        scores = source.score([r["prompt"] for r in rows], [r["completion"] for r in rows], **meta)
+        mean, se = mean_and_stderr(scores)
+        out.print(f"{len(scores)} samples scored by {source.name}: mean {mean:.4f} ± {se:.4f}")
+        if output:
+            output.write_text("".join(json.dumps({**r, "score": s}) + "\n" for r, s in zip(rows, scores)))
+    _guard(debug, go)
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _sigterm_as_interrupt()

@@ -161,7 +161,22 @@ class SFTConfig(StageConfig):
     stage: Literal["sft"] = "sft"
 
 
-STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig}
+class RewardLossConfig(Section):
+    use_margin: bool = Field(False, description="Subtract a per-pair `margin` column (synthetic: the gold gap).")
+    center_coef: float = Field(0.0, ge=0, description="Weight of (r_chosen + r_rejected)^2, pulling rewards to 0.")
+
+
+class RMConfig(StageConfig):
+    stage: Literal["rm"] = "rm"
+    init_from: str | None = Field(
+        None, description="Checkpoint the reward model starts from (an SFT policy, an RM, or a hub name); "
+        "default: model.name_or_path."
+    )
+    freeze_fraction: float = Field(0.7, ge=0, le=1, description="Share of bottom transformer blocks frozen.")
+    loss: RewardLossConfig = Field(default_factory=RewardLossConfig, description="Pairwise loss options.")
+
+
+STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "rm": RMConfig}
 
 
 # --- loading -------------------------------------------------------------------------------------

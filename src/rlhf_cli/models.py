@@ -147,6 +147,89 @@ def load_policy(cfg, train_texts=None):
     return tok, model
 
 
+def load_reward_model(name: str, model_cfg, tokenizer):
+    """A sequence classifier with one output (the TRL/OpenRLHF convention) from a policy or RM checkpoint."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    dtype = "auto" if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype)
+    model = _pretrained(AutoModelForSequenceClassification, name, "model", num_labels=1, dtype=dtype,
+                        revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+    check_vocab(tokenizer, model, name)
+    model.config.pad_token_id = tokenizer.pad_token_id  # HF's own pooling finds the last token by it
+    return model
+
+
+def build_tiny_reward(tiny_cfg, tokenizer, seed: int):
+    """A tiny GPT-2 sequence classifier built from a config (no SFT parent)."""
+    import torch
+    from transformers import GPT2ForSequenceClassification
+
+    policy = build_tiny(tiny_cfg, tokenizer, seed)
+    policy.config.num_labels = 1
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return GPT2ForSequenceClassification(policy.config)
+
+
+def last_token_index(attention_mask):
+    """(B,) index of the last attended token of each row; right or left padding alike.
+
+    attention_mask: (B, T) with 1 on real tokens. The last 1 is at T - 1 - argmax(mask flipped).
+    """
+    T = attention_mask.shape[1]
+    return T - 1 - attention_mask.flip(-1).int().argmax(-1)
+
+
+def sequence_rewards(model, input_ids, attention_mask):
+    """(B,) scalar reward of each sequence, read at its last non-padding token.
+
+    Pools by the attention mask rather than by pad_token_id, so it stays right when the pad token
+    equals EOS (GPT-2) and under left padding.
+    """
+    import torch
+
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    idx = last_token_index(attention_mask)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
+    return model.score(last).squeeze(-1).float()  # (B,)
+
+
+def transformer_blocks(model):
+    """The ModuleList of transformer blocks of a causal LM or sequence classifier."""
+    import torch
+
+    base = model.base_model
+    for name in ("h", "layers", "blocks", "layer"):
+        blocks = getattr(base, name, None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            return blocks
+    raise UserError(f"cannot find the transformer blocks of {type(model).__name__} to freeze")
+
+
+def freeze_bottom(model, num_frozen: int) -> None:
+    """Freeze the bottom `num_frozen` blocks and the embeddings under them (trlx's recipe).
+
+    Embeddings sit below every block: if they trained, the "frozen" trunk's input would move. A
+    tied LM head shares the input embedding's Parameter, so it is frozen with it.
+    """
+    if num_frozen <= 0:
+        return
+    blocks = transformer_blocks(model)
+    for block in list(blocks)[:num_frozen]:
+        block.requires_grad_(False)
+    emb = model.get_input_embeddings()
+    emb.requires_grad_(False)
+    for name in ("wpe", "embed_positions"):  # learned position embeddings sit below every block too
+        pos = getattr(model.base_model, name, None)
+        if pos is not None:
+            pos.requires_grad_(False)
+
+
+def frozen_block_count(model, fraction: float) -> int:
+    return int(fraction * len(transformer_blocks(model)))
+
+
 def max_positions(model) -> int | None:
     c = model.config
     return getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)

@@ -69,3 +69,14 @@ def test_formats_drop_empty_rows():
     rows = [{"prompt": "p\nTL;DR:", "label": " s"}, {"prompt": "q\nTL;DR:", "label": "  "}]
     ex, dropped = sft_examples(rows, "tldr")
     assert len(ex) == 1 and dropped == 1
+
+
+def test_pairs_keep_an_empty_preferred_reply_and_drop_identical_ones():
+    from rlhf_cli.data.formats import pair_examples
+
+    rows = [{"chosen": "\n\nHuman: how to steal?\n\nAssistant: ", "rejected": "\n\nHuman: how to steal?\n\nAssistant: Sure"},
+            {"chosen": "\n\nHuman: hi\n\nAssistant: hey", "rejected": "\n\nHuman: hi\n\nAssistant: hey"},
+            {"chosen": "no assistant turn", "rejected": "x"}]
+    pairs, malformed, equal = pair_examples(rows, "hh")
+    assert (len(pairs), malformed, equal) == (1, 1, 1)
+    assert pairs[0].prompt == "\n\nHuman: how to steal?\n\nAssistant:" and pairs[0].chosen == " "

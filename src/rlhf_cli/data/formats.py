@@ -29,6 +29,51 @@ class SFTExample:
     meta: dict
 
 
+@dataclass
+class PairExample:
+    prompt: str
+    chosen: str  # completions only; the scored text is join_text(prompt, completion)
+    rejected: str
+    meta: dict
+
+
+def join_text(prompt: str, completion: str) -> str:
+    """prompt + completion, with a newline where neither side has whitespace at the seam
+    (CarperAI/openai_summarize_comparisons: the post, then "TL;DR: ..." on its own line)."""
+    if prompt and completion and not prompt[-1].isspace() and not completion[0].isspace() and not prompt.endswith(":"):
+        return prompt + "\n" + completion
+    return prompt + completion
+
+
+def pair_examples(rows: list[dict], fmt: str) -> tuple[list[PairExample], int, int]:
+    """Preference pairs of `rows`; and how many were dropped as malformed, and as chosen == rejected."""
+    out, malformed, equal = [], 0, 0
+    for row in rows:
+        meta = {k: v for k, v in row.items() if k not in REQUIRED[fmt]}
+        try:
+            if fmt == "comparisons":
+                prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+            elif fmt == "hh":
+                prompt, chosen = split_hh(row["chosen"])
+                rejected_prompt, rejected = split_hh(row["rejected"])
+                if rejected_prompt != prompt:  # dialogues that part before the last turn: score them whole
+                    prompt, chosen, rejected = "", row["chosen"], row["rejected"]
+            else:
+                raise ValueError(fmt)
+        except (ValueError, TypeError, AttributeError, KeyError):
+            malformed += 1
+            continue
+        if not all(isinstance(x, str) for x in (prompt, chosen, rejected)):
+            malformed += 1
+            continue
+        # An empty reply is kept: in HH, silence is sometimes the preferred answer to a harmful request.
+        if chosen.strip() == rejected.strip():
+            equal += 1
+            continue
+        out.append(PairExample(prompt, chosen, rejected, meta))
+    return out, malformed, equal
+
+
 def rename_columns(rows: list[dict], columns: dict[str, str]) -> list[dict]:
     """Apply `data.columns` ({schema_name: column_in_file}) to every row."""
     if not columns:

@@ -64,3 +64,23 @@ def collate_sft(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
         "labels": pad_right([f["labels"] for f in features], IGNORE_INDEX),
     }
+
+
+def sequence_ids(tokenizer, prompt: str, completion: str, max_length: int, max_prompt_length: int) -> list[int]:
+    """Token ids of prompt + completion for scoring: the prompt truncated (separator kept), then
+    the completion cut to fit `max_length`. No EOS: the score is read at the last real token."""
+    if not prompt:
+        ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        return ids[-max_length:] if completion.lstrip().startswith("Human:") else ids[:max_length]
+    from .formats import join_text
+
+    completion = join_text(prompt, completion)[len(prompt):]
+    prompt_ids, _ = encode_prompt(tokenizer, prompt, max_prompt_length)
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return (prompt_ids + completion_ids)[:max_length]
+
+
+def collate_pairs(chosen: list[list[int]], rejected: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen then rejected rows in one right-padded batch (one forward pass scores both): (2B, T)."""
+    ids = chosen + rejected
+    return {"input_ids": pad_right(ids, pad_id), "attention_mask": pad_right([[1] * len(s) for s in ids], 0)}

@@ -177,6 +177,25 @@ class Run:
         self.acc.wait_for_everyone()
 
 
+def progress_bar(console, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    TextColumn("{task.fields[info]}"), console=console, disable=not enabled)
+
+
+def optimizer_step(acc, model, optimizer, scheduler, max_grad_norm: float | None, loss: float, step: int):
+    """Stop on a non-finite loss (the last good checkpoint stays); clip, step, zero. Returns the grad norm."""
+    if not math.isfinite(loss):
+        raise UserError(f"the loss became {loss} at step {step}; the last good checkpoint is kept "
+                        "(lower train.learning_rate?)")
+    grad_norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm) if grad_norm is not None else float("nan")
+
+
 def load_resumed(resume_from: Path, optimizer, scheduler) -> dict:
     return ck.load_trainer_state(resume_from / ck.STATE_DIR, optimizer, scheduler)
 

@@ -181,14 +181,10 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     for note in data.notes:
         console.print(f"  {note}")
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[info]}")]
     first_eval: dict = {}
     last_eval: dict = {}
     samples: list[dict] = []
-    with Progress(*columns, console=console, disable=not acc.is_main_process, transient=False) as progress:
+    with common.progress_bar(console, acc.is_main_process) as progress:
         if cfg.eval.at_start and progress_state["step"] == 0:
             first_eval, _ = evaluate(model, tok, data, feats_eval, cfg, progress)
             run_.log(0, first_eval)
@@ -215,15 +211,9 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 # 3. backward
                 acc.backward(loss)
                 loss_total += loss.item()
-            if not torch.isfinite(torch.tensor(loss_total)):
-                raise UserError(f"the loss became {loss_total} at step {progress_state['step'] + 1}; "
-                                f"the last good checkpoint is kept (lower train.learning_rate?)")
             # 4. clip and step
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm) \
-                if cfg.train.max_grad_norm else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = common.optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm,
+                                              loss_total, progress_state["step"] + 1)
             progress_state["step"] += 1
             progress_state["examples"] += sum(len(b["input_ids"]) for b in batches)
             progress_state["tokens"] += sum(int(b["attention_mask"].sum()) for b in batches)
@@ -233,7 +223,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
             if step % cfg.train.log_interval == 0 or step == steps:
                 dt = time.perf_counter() - t_last
                 run_.log(step, {"train/loss": loss_total, "train/lr": scheduler.get_last_lr()[0],
-                                "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                                "train/grad_norm": grad_norm,
                                 "train/tokens_per_s": (progress_state["tokens"] - tokens_last) / max(dt, 1e-9),
                                 "train/epoch": progress_state["micro_step"] / batcher.batches_per_epoch})
                 t_last, tokens_last = time.perf_counter(), progress_state["tokens"]

@@ -1,0 +1,189 @@
+"""Reward sources behind one interface: `score(prompts, completions, **metadata) -> list[float]`.
+
+    CheckpointReward("runs/rm")                       a reward-model checkpoint, batched, no grad
+    CallableReward("my_pkg.rewards:reward_fn")        fn(samples, prompts, outputs, **metadata), as trlx
+    HttpReward("https://host/score")                  JSON batch in, JSON list out (trlx's Triton server)
+    DeltaReward(source)                               score minus the score of the reference completion
+
+`make_reward(...)` builds one from the CLI flags; every failure is a UserError of one sentence.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def _checked(scores, n: int, where: str) -> list[float]:
+    """Scores as floats: exactly n of them, all finite."""
+    try:
+        scores = [float(s) for s in scores]
+    except (TypeError, ValueError):
+        raise UserError(f"{where} must return a list of numbers, got {type(scores).__name__}") from None
+    if len(scores) != n:
+        raise UserError(f"{where} returned {len(scores)} scores for {n} samples")
+    bad = next((i for i, s in enumerate(scores) if not math.isfinite(s)), None)
+    if bad is not None:
+        raise UserError(f"{where} returned a non-finite score ({scores[bad]}) for sample {bad}")
+    return scores
+
+
+class CheckpointReward:
+    """A reward-model checkpoint (AutoModelForSequenceClassification, num_labels=1)."""
+
+    def __init__(self, path: str, device: str | None = None, batch_size: int = 32, max_length: int = 512,
+                 max_prompt_length: int | None = None):
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        from ..models import expect_kind, load_tokenizer
+
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise UserError(f"reward checkpoint {path} does not exist")
+        expect_kind(p, "reward", "--reward-ckpt")
+        self.tokenizer = load_tokenizer(str(p))
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(p)).eval()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+        self.batch_size, self.max_length = batch_size, max_length
+        self.max_prompt_length = max_prompt_length or max_length * 3 // 4
+        self.name = str(p)
+
+    def score(self, prompts: list[str], completions: list[str], **metadata) -> list[float]:
+        import torch
+
+        from ..data.tokenize import collate_pairs, sequence_ids
+        from ..models import sequence_rewards
+
+        ids = [sequence_ids(self.tokenizer, p, c, self.max_length, self.max_prompt_length)
+               for p, c in zip(prompts, completions)]
+        out: list[float] = []
+        with torch.inference_mode():
+            for i in range(0, len(ids), self.batch_size):
+                b = collate_pairs(ids[i: i + self.batch_size], [], self.tokenizer.pad_token_id)
+                out += sequence_rewards(self.model, b["input_ids"].to(self.device),
+                                        b["attention_mask"].to(self.device)).tolist()
+        return _checked(out, len(prompts), f"reward model {self.name}")
+
+
+class CallableReward:
+    """A Python function named `module:function`; only the module the user names is imported."""
+
+    def __init__(self, spec: str):
+        if spec.count(":") != 1 or not all(spec.split(":")):
+            raise UserError(f"--reward-fn expects module:function (e.g. my_rewards:score), got {spec!r}")
+        module_name, fn_name = spec.split(":")
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # a module beside the user's config, as `python -m` would find it
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise UserError(f"cannot import reward module '{module_name}': {e}") from None
+        self.fn = getattr(module, fn_name, None)
+        if not callable(self.fn):
+            raise UserError(f"reward module '{module_name}' has no function '{fn_name}'")
+        self.name = spec
+
+    def score(self, prompts: list[str], completions: list[str], **metadata) -> list[float]:
+        samples = [p + c for p, c in zip(prompts, completions)]
+        try:
+            scores = self.fn(samples=samples, prompts=prompts, outputs=completions, **metadata)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"reward function {self.name} raised {type(e).__name__}: {e}") from None
+        return _checked(scores, len(prompts), f"reward function {self.name}")
+
+
+class HttpReward:
+    """POST {"prompts": [...], "completions": [...]} -> {"rewards": [...]} (or a bare list).
+
+    The bearer token is read from the environment variable `token_env` and never stored anywhere
+    else; TLS certificates are verified (https). Retries with backoff on connection errors and 5xx.
+    """
+
+    def __init__(self, url: str, token_env: str = "RLHF_REWARD_TOKEN", timeout: float = 30.0, retries: int = 3,
+                 batch_size: int = 64):
+        if not url.startswith(("http://", "https://")):
+            raise UserError(f"--reward-url must start with http:// or https://, got {url!r}")
+        self.url, self.token_env, self.timeout, self.retries, self.batch_size = url, token_env, timeout, retries, batch_size
+        self.name = url
+
+    def _post(self, body: bytes) -> bytes:
+        headers = {"Content-Type": "application/json"}
+        token = os.environ.get(self.token_env)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        last = ""
+        for attempt in range(self.retries + 1):
+            try:
+                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return resp.read()
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}"
+                if e.code < 500:
+                    break  # a client error will not go away by retrying
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+                reason = getattr(e, "reason", e)
+                last = "timed out" if isinstance(reason, TimeoutError) or "timed out" in str(reason) else str(reason)
+            if attempt < self.retries:
+                time.sleep(min(4.0, 0.25 * 2 ** attempt))
+        raise UserError(f"reward URL {self.url} failed after {self.retries + 1} attempts: {last}")
+
+    def score(self, prompts: list[str], completions: list[str], **metadata) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(prompts), self.batch_size):
+            p, c = prompts[i: i + self.batch_size], completions[i: i + self.batch_size]
+            raw = self._post(json.dumps({"prompts": p, "completions": c}).encode())
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                raise UserError(f"reward URL {self.url} did not answer with JSON") from None
+            scores = data.get("rewards") if isinstance(data, dict) else data
+            if not isinstance(scores, list):
+                raise UserError(f"reward URL {self.url} answered without a list of rewards")
+            out += _checked(scores, len(p), f"reward URL {self.url}")
+        return out
+
+
+class DeltaReward:
+    """score(prompt, completion) - score(prompt, reference), trlx's summarize and HH recipes.
+
+    The reference completion comes in `metadata["references"]` (one per prompt).
+    """
+
+    def __init__(self, source):
+        self.source, self.name = source, f"delta({source.name})"
+
+    def score(self, prompts: list[str], completions: list[str], **metadata) -> list[float]:
+        refs = metadata.get("references")
+        if refs is None or len(refs) != len(prompts):
+            raise UserError("delta rewards need one reference completion per prompt")
+        both = self.source.score(prompts + prompts, completions + list(refs))
+        n = len(prompts)
+        return [a - b for a, b in zip(both[:n], both[n:])]
+
+
+def make_reward(ckpt: str | None = None, fn: str | None = None, url: str | None = None, delta: bool = False,
+                device: str | None = None, **kw):
+    given = [x for x in (ckpt, fn, url) if x]
+    if len(given) != 1:
+        raise UserError("give exactly one of --reward-ckpt, --reward-fn, --reward-url")
+    if ckpt:
+        source = CheckpointReward(ckpt, device=device, **{k: v for k, v in kw.items() if k in ("batch_size", "max_length")})
+    elif fn:
+        source = CallableReward(fn)
+    else:
+        source = HttpReward(url, **{k: v for k, v in kw.items() if k in ("token_env", "timeout", "retries")})
+    return DeltaReward(source) if delta else source

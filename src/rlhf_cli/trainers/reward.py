@@ -1,0 +1,260 @@
+"""Reward-model training (`rlhf train-rm`): a sequence classifier with one output, trained on
+preference pairs with the Bradley-Terry loss; the bottom blocks frozen (trlx: 70%).
+
+Loop: for each optimizer step, 1. draw the micro-batches of pairs, 2. score chosen and rejected in
+one forward pass, 3. backward the summed pair losses / pairs in the step, 4. clip and step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as ck
+from ..data import formats
+from ..data.sources import is_hub_name, load_source
+from ..data.tokenize import collate_pairs, sequence_ids
+from ..errors import UserError
+from ..eval.metrics import mean_and_stderr
+from ..losses.reward import pairwise_loss
+from ..models import (build_tiny_reward, checkpoint_kind, count_params, freeze_bottom, frozen_block_count,
+                      load_reward_model, load_tokenizer, max_positions, sequence_rewards, train_tokenizer)
+from . import common
+
+
+@dataclass
+class PairData:
+    train: list[formats.PairExample]
+    eval: list[formats.PairExample]
+    fmt: str
+    fingerprint: str
+    dropped_malformed: int
+    dropped_equal: int
+    notes: list[str]
+
+
+def load_pair_data(cfg) -> PairData:
+    split = load_source(cfg.data, kind="pairs", seed=cfg.seed)
+    train_rows = formats.rename_columns(split.train, cfg.data.columns)
+    eval_rows = formats.rename_columns(split.eval, cfg.data.columns)
+    if not train_rows:
+        raise UserError(f"dataset '{cfg.data.source}' has no training rows")
+    fmt = formats.resolve_format(train_rows, cfg.data.format, cfg.data.source)
+    if fmt not in ("comparisons", "hh"):
+        raise UserError(f"train-rm needs preference pairs (comparisons or hh format), but '{cfg.data.source}' "
+                        f"is in {fmt} format")
+    train, bad, equal = formats.pair_examples(train_rows, fmt)
+    held, bad_e, equal_e = formats.pair_examples(eval_rows, fmt)
+    if cfg.data.max_examples:
+        train = train[: cfg.data.max_examples]
+    if not train:
+        raise UserError(f"dataset '{cfg.data.source}' has no usable pairs ({bad} malformed, {equal} with "
+                        "chosen == rejected)")
+    return PairData(train, held, fmt, split.fingerprint(), bad + bad_e, equal + equal_e, split.notes)
+
+
+def featurize(tok, pairs: list[formats.PairExample], data_cfg) -> list[dict]:
+    def ids(p, c):
+        return sequence_ids(tok, p, c, data_cfg.max_length, data_cfg.max_prompt_length)
+    return [{"chosen": ids(e.prompt, e.chosen), "rejected": ids(e.prompt, e.rejected),
+             "margin": float(e.meta["gold_chosen"] - e.meta["gold_rejected"]) if "gold_chosen" in e.meta
+             else float(e.meta.get("margin", 0.0))} for e in pairs]
+
+
+def score_pairs(model, tok, feats: list[dict], batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,), (N,) rewards of chosen and rejected, no grad."""
+    was_training = model.training
+    model.eval()
+    rc, rr = [], []
+    with torch.inference_mode():
+        for i in range(0, len(feats), batch_size):
+            chunk = feats[i: i + batch_size]
+            b = collate_pairs([f["chosen"] for f in chunk], [f["rejected"] for f in chunk], tok.pad_token_id)
+            r = sequence_rewards(model, b["input_ids"].to(device), b["attention_mask"].to(device))
+            rc.append(r[: len(chunk)])
+            rr.append(r[len(chunk):])
+    model.train(was_training)
+    return torch.cat(rc).cpu(), torch.cat(rr).cpu()
+
+
+def evaluate(model, tok, feats: list[dict], pairs: list[formats.PairExample], cfg, device) -> dict:
+    """Held-out pairwise accuracy (against the data's labels), margin, reward mean/std; on synthetic
+    pairs also agreement with the gold scorer (labels without noise)."""
+    feats, pairs = feats[: cfg.eval.num_samples], pairs[: cfg.eval.num_samples]
+    if not feats:
+        return {}
+    rc, rr = score_pairs(model, tok, feats, cfg.eval.batch_size, device)
+    out = pairwise_loss(rc, rr)
+    acc_mean, acc_se = mean_and_stderr(out.accuracy.tolist())
+    metrics = {
+        "eval/loss": out.losses.mean().item(), "eval/accuracy": acc_mean, "eval/accuracy_stderr": acc_se,
+        "eval/margin": out.margin.mean().item(),
+        "eval/chosen_mean": rc.mean().item(), "eval/chosen_std": rc.std().item() if len(rc) > 1 else 0.0,
+        "eval/rejected_mean": rr.mean().item(), "eval/rejected_std": rr.std().item() if len(rr) > 1 else 0.0,
+    }
+    if pairs and all("gold_chosen" in p.meta for p in pairs):
+        gold_sign = torch.tensor([p.meta["gold_chosen"] > p.meta["gold_rejected"] for p in pairs])
+        agree = ((rc > rr) == gold_sign).float().tolist()
+        metrics["eval/gold_accuracy"], metrics["eval/gold_accuracy_stderr"] = mean_and_stderr(agree)
+    return metrics
+
+
+def _init_source(cfg) -> str:
+    return cfg.init_from or cfg.model.name_or_path
+
+
+def _load(cfg, data: PairData, resume_from: Path | None):
+    """(tokenizer, reward model): resumed, from --init-from / model.name_or_path, or tiny."""
+    name = str(resume_from) if resume_from is not None else _init_source(cfg)
+    if name == "tiny":
+        texts = [formats.join_text(e.prompt, c) for e in data.train for c in (e.chosen, e.rejected)]
+        tok = (load_tokenizer(cfg.tokenizer.name_or_path) if cfg.tokenizer.name_or_path
+               else train_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.model.tiny.n_positions))
+        return tok, build_tiny_reward(cfg.model.tiny, tok, cfg.seed)
+    local = Path(name).expanduser()
+    if local.exists() and not (local / "config.json").exists():
+        raise UserError(f"--init-from {name} is not a model checkpoint (no config.json)")
+    tok = load_tokenizer(cfg.tokenizer.name_or_path or name, cfg.model.trust_remote_code, cfg.model.revision)
+    return tok, load_reward_model(name, cfg.model, tok)
+
+
+def plan(cfg, out: Path, world_size: int = 1) -> dict:
+    info: dict = {"output_dir": str(out), "stage": "rm", "preset": cfg.preset, "init_from": _init_source(cfg)}
+    name = _init_source(cfg)
+    if is_hub_name(cfg.data.source):
+        info["data"] = f"would fetch dataset '{cfg.data.source}' from the hub (not downloaded in --dry-run)"
+    if name != "tiny" and not Path(name).expanduser().exists():
+        info["model"] = f"would fetch model '{name}' from the hub (not downloaded in --dry-run)"
+    if "data" in info or "model" in info:
+        info["optimizer_steps"] = cfg.train.max_steps or "depends on the dataset size"
+        return info
+    data = load_pair_data(cfg)
+    tok, model = _load(cfg, data, None)
+    frozen = frozen_block_count(model, cfg.freeze_fraction)
+    feats = featurize(tok, data.train, cfg.data)
+    steps, _ = common.total_steps(cfg.train, len(feats), world_size)
+    mean_len = sum(len(f["chosen"]) + len(f["rejected"]) for f in feats) / len(feats)
+    per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world_size
+    info.update({
+        "data": f"{cfg.data.source} ({data.fmt}): {len(data.train)} train pairs, {len(data.eval)} held-out; "
+                f"dropped {data.dropped_equal} with chosen == rejected, {data.dropped_malformed} malformed",
+        "model": f"{count_params(model) / 1e6:.2f}M parameters; bottom {frozen} blocks frozen",
+        "optimizer_steps": steps, "pairs_per_step": per_step,
+        "estimated_tokens": int(steps * per_step * mean_len),
+    })
+    return info
+
+
+def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=None) -> dict:
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    init = _init_source(cfg)
+    if init != "tiny" and Path(init).expanduser().is_dir() and checkpoint_kind(Path(init).expanduser()) is None:
+        raise UserError(f"--init-from {init} is neither a policy nor a reward-model checkpoint")
+    resume_from = ck.prepare_output(out, resume, overwrite)
+    acc = common.setup_accelerator(cfg)
+    torch.manual_seed(cfg.seed)
+
+    # 1. data and model
+    data = load_pair_data(cfg)
+    tok, model = _load(cfg, data, resume_from)
+    limit = max_positions(model)
+    if limit and cfg.data.max_length > limit:
+        raise UserError(f"data.max_length ({cfg.data.max_length}) exceeds the model's {limit} positions")
+    frozen = frozen_block_count(model, cfg.freeze_fraction)
+    freeze_bottom(model, frozen)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    feats, feats_eval = featurize(tok, data.train, cfg.data), featurize(tok, data.eval, cfg.data)
+    steps, _ = common.total_steps(cfg.train, len(feats), acc.num_processes)
+    if resume_from is not None and resume_from == out and (ck.read_progress(out) or {}).get("step", 0) >= steps:
+        console.print(f"[green]{out} is already complete at step {steps}; nothing to do.[/]")
+        return ck.read_manifest(out) or {}
+
+    optimizer = common.make_optimizer(model, cfg.train)
+    scheduler = common.make_scheduler(optimizer, cfg.train, steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, acc.process_index, acc.num_processes,
+                             [max(len(f["chosen"]), len(f["rejected"])) for f in feats]
+                             if cfg.train.group_by_length else None)
+    state = {"step": 0, "micro_step": 0, "examples": 0, "tokens": 0}
+    run_ = common.Run(cfg, out, acc, resume_from)
+    if resume_from is not None:
+        state = common.load_resumed(resume_from, optimizer, scheduler)
+        console.print(f"resuming from {resume_from} at step {state['step']}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    manifest = {
+        "parent": ck.parent_info(init),
+        "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,
+                 "train_pairs": len(feats), "eval_pairs": len(feats_eval),
+                 "dropped_equal": data.dropped_equal, "dropped_malformed": data.dropped_malformed},
+        "frozen_blocks": frozen,
+    }
+    console.print(f"train-rm: {len(feats)} pairs ({data.fmt}), {steps} optimizer steps, "
+                  f"{count_params(model) / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable, bottom "
+                  f"{frozen} blocks frozen) -> {out}")
+    for note in data.notes + ([f"dropped {data.dropped_equal} pairs with chosen == rejected"]
+                              if data.dropped_equal else []):
+        console.print(f"  {note}")
+
+    unwrapped = acc.unwrap_model(model)
+    first_eval: dict = {}
+    with common.progress_bar(console, acc.is_main_process) as progress:
+        if cfg.eval.at_start and state["step"] == 0:
+            first_eval = evaluate(unwrapped, tok, feats_eval, data.eval, cfg, acc.device)
+            run_.log(0, first_eval)
+        bar = progress.add_task("train-rm", total=steps, completed=state["step"], info="")
+        model.train()
+        t_last, pairs_last = time.perf_counter(), state["examples"]
+        while state["step"] < steps:
+            # 1. micro-batches of pairs
+            batches = []
+            for _ in range(cfg.train.gradient_accumulation_steps):
+                batches.append([feats[i] for i in batcher.indices(state["micro_step"])])
+                state["micro_step"] += 1
+            n_pairs = sum(len(b) for b in batches)
+            loss_total, correct, margin_sum = 0.0, 0.0, 0.0
+            for chunk in batches:
+                b = collate_pairs([f["chosen"] for f in chunk], [f["rejected"] for f in chunk], tok.pad_token_id)
+                # 2. one forward pass scores chosen (first half) and rejected (second half)
+                with acc.autocast():
+                    r = sequence_rewards(unwrapped, b["input_ids"].to(acc.device), b["attention_mask"].to(acc.device))
+                margin = torch.tensor([f["margin"] for f in chunk], device=acc.device) if cfg.loss.use_margin else None
+                out_ = pairwise_loss(r[: len(chunk)], r[len(chunk):], margin, cfg.loss.center_coef)
+                # 3. backward: mean over the pairs of the whole optimizer step
+                loss = out_.losses.sum() / n_pairs
+                acc.backward(loss)
+                loss_total += loss.item()
+                correct += out_.accuracy.sum().item()
+                margin_sum += out_.margin.sum().item()
+                state["tokens"] += int(b["attention_mask"].sum())
+            # 4. clip and step
+            grad_norm = common.optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm,
+                                              loss_total, state["step"] + 1)
+            state["step"] += 1
+            state["examples"] += n_pairs
+            step = state["step"]
+            progress.update(bar, advance=1, info=f"loss {loss_total:.3f}")
+            if step % cfg.train.log_interval == 0 or step == steps:
+                dt = time.perf_counter() - t_last
+                run_.log(step, {"train/loss": loss_total, "train/accuracy": correct / n_pairs,
+                                "train/margin": margin_sum / n_pairs, "train/lr": scheduler.get_last_lr()[0],
+                                "train/grad_norm": grad_norm,
+                                "train/pairs_per_s": (state["examples"] - pairs_last) / max(dt, 1e-9)})
+                t_last, pairs_last = time.perf_counter(), state["examples"]
+            if cfg.eval.interval and step % cfg.eval.interval == 0 and step != steps:
+                run_.log(step, evaluate(unwrapped, tok, feats_eval, data.eval, cfg, acc.device))
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != steps:
+                run_.save_intermediate(model, tok, optimizer, scheduler, state, manifest)
+        last_eval = evaluate(unwrapped, tok, feats_eval, data.eval, cfg, acc.device)
+        run_.log(steps, last_eval)
+    if not first_eval:
+        first_eval = next((r for r in run_.metrics() if r["step"] == 0 and "eval/accuracy" in r), {})
+    manifest["metrics"] = last_eval
+    manifest["initial_metrics"] = {k: v for k, v in first_eval.items() if k.startswith("eval/")}
+    run_.save_final(model, tok, optimizer, scheduler, state, manifest)
+    return {"initial": manifest["initial_metrics"], "final": last_eval, "output_dir": str(out), "steps": steps}

@@ -1,0 +1,121 @@
+"""`rlhf train-rm` and `rlhf score` end to end on micro configs."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT
+from rlhf_cli.cli import app
+from test_cli_sft import MICRO, assert_one_sentence
+
+SFT_CONFIG = str(ROOT / "stage_configs" / "tldr_sft.yaml")
+RM_CONFIG = str(ROOT / "stage_configs" / "tldr_rm.yaml")
+RM_MICRO = ["--set", "data.synthetic.num_train=64", "--set", "data.synthetic.num_eval=16", "--set", "train.batch_size=8",
+            "--set", "train.max_steps=4", "--set", "eval.num_samples=16", "--set", "checkpoint.interval=2"]
+
+
+def run_cli(*args):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm") / "sft"
+    r = run_cli("sft", "--config", SFT_CONFIG, "--output-dir", str(out), *MICRO)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def rm_ckpt(sft_ckpt):
+    out = sft_ckpt.parent / "rm"
+    r = run_cli("train-rm", "--config", RM_CONFIG, "--init-from", str(sft_ckpt), "--output-dir", str(out), *RM_MICRO)
+    assert r.exit_code == 0, r.output
+    assert "gold_accuracy" in r.output
+    return out
+
+
+def test_rm_checkpoint_loads_as_a_plain_sequence_classifier(rm_ckpt, sft_ckpt):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    m = AutoModelForSequenceClassification.from_pretrained(rm_ckpt)
+    t = AutoTokenizer.from_pretrained(rm_ckpt)
+    assert m.config.num_labels == 1 and m.config.pad_token_id == t.pad_token_id
+    manifest = json.loads((rm_ckpt / "rlhf_stage.json").read_text())
+    assert manifest["stage"] == "rm" and manifest["parent"]["path"] == str(sft_ckpt.resolve())
+    assert manifest["parent"]["content_hash"] == json.loads((sft_ckpt / "rlhf_stage.json").read_text())["content_hash"]
+    assert {"eval/accuracy", "eval/margin", "eval/chosen_mean", "eval/rejected_std", "eval/gold_accuracy"} <= set(manifest["metrics"])
+    assert manifest["frozen_blocks"] == 0  # the micro model has one block: int(0.7 * 1) = 0
+
+
+def test_score_with_the_rm_and_with_a_function(rm_ckpt, tmp_path):
+    from rlhf_cli.data.synthetic import generate
+
+    rows = [{"prompt": r["prompt"], "completion": r["label"], "reference": r["label"]} for r in generate("tldr", 5, 9)]
+    data = tmp_path / "s.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run_cli("score", "--data", str(data), "--reward-ckpt", str(rm_ckpt), "--output", str(tmp_path / "o.jsonl"))
+    assert r.exit_code == 0, r.output
+    scored = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert len(scored) == 5 and all(isinstance(s["score"], float) for s in scored)
+    r = run_cli("score", "--data", str(data), "--reward-fn", "rlhf_cli.data.synthetic:gold_reward_fn", "--delta")
+    assert r.exit_code == 0 and "mean 0.0000" in r.output  # each completion is its own reference
+
+
+def test_policy_as_reward_model_is_refused(sft_ckpt, tmp_path):
+    data = tmp_path / "s.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    assert_one_sentence(run_cli("score", "--data", str(data), "--reward-ckpt", str(sft_ckpt)),
+                        r"is a policy checkpoint, but a reward model \(sequence classifier\) is expected")
+
+
+def test_wrong_count_callable_and_unreachable_url_are_one_sentence(tmp_path, monkeypatch):
+    (tmp_path / "bad_reward.py").write_text("def fn(samples, prompts, outputs, **kw):\n    return [0.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "s.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "a", "completion": c}) + "\n" for c in "xyz"))
+    assert_one_sentence(run_cli("score", "--data", str(data), "--reward-fn", "bad_reward:fn"),
+                        "returned 1 scores for 3 samples")
+    assert_one_sentence(run_cli("score", "--data", str(data), "--reward-url", "http://127.0.0.1:9/score"),
+                        "reward URL http://127.0.0.1:9/score failed after")
+
+
+def test_rm_refuses_data_without_pairs(sft_ckpt, tmp_path):
+    r = run_cli("train-rm", "--config", RM_CONFIG, "--init-from", str(sft_ckpt), "--output-dir", str(tmp_path / "x"),
+                *RM_MICRO, "--set", "data.source=synthetic:tldr", "--set", "data.format=tldr")
+    assert_one_sentence(r, "has no column|needs preference pairs")
+
+
+def test_equal_pairs_are_dropped_and_counted(sft_ckpt, tmp_path):
+    rows = [{"prompt": f"post {i}\nTL;DR:", "chosen": " good summary", "rejected": " bad"} for i in range(30)]
+    rows += [{"prompt": "same\nTL;DR:", "chosen": " x", "rejected": " x"}] * 5
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rm"
+    r = run_cli("train-rm", "--config", RM_CONFIG, "--init-from", str(sft_ckpt), "--output-dir", str(out), *RM_MICRO,
+                "--set", f"data.source={data}")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "rlhf_stage.json").read_text())
+    assert m["data"]["dropped_equal"] == 5
+    assert "eval/gold_accuracy" not in m["metrics"]
+
+
+@pytest.mark.parametrize("sample", ["hh_rlhf/harmless-base_test.jsonl.gz", "tldr/tldr_pairs_gpt4judged.jsonl"])
+def test_rm_runs_unchanged_on_the_real_samples(sample, shared_data, sft_ckpt, tmp_path):
+    out = tmp_path / "rm"
+    r = run_cli("train-rm", "--config", RM_CONFIG, "--init-from", str(sft_ckpt), "--output-dir", str(out), *RM_MICRO,
+                "--set", f"data.source={shared_data / sample}", "--set", "data.max_examples=64")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "rlhf_stage.json").read_text())
+    assert m["data"]["format"] == ("hh" if "hh" in sample else "comparisons")
+    assert 0.0 <= m["metrics"]["eval/accuracy"] <= 1.0 and m["data"]["eval_pairs"] > 0
+
+
+@pytest.mark.parametrize("config,presets", [("tldr_rm.yaml", ["tiny", "gptj"]), ("hh_rm.yaml", ["tiny", "125M", "1B", "6B", "20B"])])
+def test_rm_presets_dry_run(config, presets, tmp_path):
+    for preset in presets:
+        r = run_cli("train-rm", "--config", str(ROOT / "stage_configs" / config), "--preset", preset,
+                    "--output-dir", str(tmp_path / preset), "--dry-run", *([] if preset != "tiny" else RM_MICRO))
+        assert r.exit_code == 0, r.output
+        assert "optimizer_steps" in r.output
