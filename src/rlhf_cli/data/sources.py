@@ -129,6 +129,18 @@ def load_source(data_cfg, kind: str, seed: int) -> Split:
     return _pick_splits(rows_by_split, data_cfg, seed, src)
 
 
+def load_formatted(data_cfg, kind: str, seed: int) -> tuple[Split, str]:
+    """`load_source`, then `data.columns` renaming and the format (given or detected from the columns)."""
+    from . import formats
+
+    split = load_source(data_cfg, kind, seed)
+    split.train = formats.rename_columns(split.train, data_cfg.columns)
+    split.eval = formats.rename_columns(split.eval, data_cfg.columns)
+    if not split.train:
+        raise UserError(f"dataset '{data_cfg.source}' has no training rows")
+    return split, formats.resolve_format(split.train, data_cfg.format, data_cfg.source)
+
+
 def _pick_splits(rows_by_split: dict[str, list[dict]], data_cfg, seed: int, src: str) -> Split:
     if data_cfg.split not in rows_by_split:
         raise UserError(f"dataset '{src}' has no split '{data_cfg.split}' (it has: {', '.join(rows_by_split)})")

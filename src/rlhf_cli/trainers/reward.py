@@ -15,7 +15,7 @@ import torch
 
 from .. import checkpoint as ck
 from ..data import formats
-from ..data.sources import is_hub_name, load_source
+from ..data.sources import is_hub_name, load_formatted
 from ..data.tokenize import collate_pairs, sequence_ids
 from ..errors import UserError
 from ..eval.metrics import mean_and_stderr
@@ -37,17 +37,12 @@ class PairData:
 
 
 def load_pair_data(cfg) -> PairData:
-    split = load_source(cfg.data, kind="pairs", seed=cfg.seed)
-    train_rows = formats.rename_columns(split.train, cfg.data.columns)
-    eval_rows = formats.rename_columns(split.eval, cfg.data.columns)
-    if not train_rows:
-        raise UserError(f"dataset '{cfg.data.source}' has no training rows")
-    fmt = formats.resolve_format(train_rows, cfg.data.format, cfg.data.source)
+    split, fmt = load_formatted(cfg.data, kind="pairs", seed=cfg.seed)
     if fmt not in ("comparisons", "hh"):
         raise UserError(f"train-rm needs preference pairs (comparisons or hh format), but '{cfg.data.source}' "
                         f"is in {fmt} format")
-    train, bad, equal = formats.pair_examples(train_rows, fmt)
-    held, bad_e, equal_e = formats.pair_examples(eval_rows, fmt)
+    train, bad, equal = formats.pair_examples(split.train, fmt)
+    held, bad_e, equal_e = formats.pair_examples(split.eval, fmt)
     if cfg.data.max_examples:
         train = train[: cfg.data.max_examples]
     if not train:

@@ -15,7 +15,7 @@ import torch
 
 from .. import checkpoint as ck
 from ..data import formats
-from ..data.sources import is_hub_name, load_source
+from ..data.sources import is_hub_name, load_formatted
 from ..data.tokenize import collate_sft, encode_prompt, sft_features
 from ..errors import UserError
 from ..eval.generation import generate
@@ -37,14 +37,9 @@ class SFTData:
 
 
 def load_sft_data(cfg) -> SFTData:
-    split = load_source(cfg.data, kind="sft", seed=cfg.seed)
-    train_rows = formats.rename_columns(split.train, cfg.data.columns)
-    eval_rows = formats.rename_columns(split.eval, cfg.data.columns)
-    if not train_rows:
-        raise UserError(f"dataset '{cfg.data.source}' has no training rows")
-    fmt = formats.resolve_format(train_rows, cfg.data.format, cfg.data.source)
-    train, dropped = formats.sft_examples(train_rows, fmt)
-    held, dropped_eval = formats.sft_examples(eval_rows, fmt)
+    split, fmt = load_formatted(cfg.data, kind="sft", seed=cfg.seed)
+    train, dropped = formats.sft_examples(split.train, fmt)
+    held, dropped_eval = formats.sft_examples(split.eval, fmt)
     if cfg.data.max_examples:
         train = train[: cfg.data.max_examples]
     if not train:
