@@ -173,6 +173,27 @@ def train_rm(config: ConfigOpt = None, init_from: InitOpt = None, set_: SetOpt =
     _guard(debug, go)
 
 
+PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Policy checkpoint to start from (e.g. runs/sft).")]
+
+
+@app.command(epilog="Example: rlhf dpo --config stage_configs/tldr_dpo.yaml --policy runs/sft --output-dir runs/dpo")
+def dpo(config: ConfigOpt = None, policy: PolicyOpt = None, set_: SetOpt = None, preset: PresetOpt = None,
+        output_dir: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+        dry_run: DryRunOpt = False, seed: SeedOpt = None, debug: DebugOpt = False):
+    """Direct preference optimisation of a policy on preference pairs (no reward model)."""
+    def go():
+        from .trainers import dpo as trainer
+
+        _quiet_libraries()
+        cfg, dest = _resolve("dpo", config, set_, preset, seed, output_dir)
+        if policy:
+            cfg.policy = policy
+        if dry_run:
+            return _print_plan(cfg, trainer.plan(cfg, dest))
+        _print_results(trainer.run(cfg, dest, resume=resume, overwrite=overwrite, console=err), "dpo")
+    _guard(debug, go)
+
+
 @app.command(epilog="Example: rlhf score --data samples.jsonl --reward-ckpt runs/rm --output scored.jsonl")
 def score(
     data: Annotated[Path, typer.Option("--data", help="JSONL of {prompt, completion} rows (optionally reference).")],

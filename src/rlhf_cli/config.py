@@ -176,7 +176,27 @@ class RMConfig(StageConfig):
     loss: RewardLossConfig = Field(default_factory=RewardLossConfig, description="Pairwise loss options.")
 
 
-STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "rm": RMConfig}
+class DPOLossConfig(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the KL tie to the reference (DPO's beta).")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO, IPO or SLiC-hinge loss.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO: assumed label-flip rate.")
+    rpo_alpha: float = Field(0.0, ge=0, description="Weight of the chosen response's NLL (RPO); 0 disables.")
+
+
+class DPOConfig(StageConfig):
+    stage: Literal["dpo"] = "dpo"
+    policy: str | None = Field(None, description="Policy to optimise (an SFT checkpoint); it is also the reference. "
+                               "Default: model.name_or_path.")
+    loss: DPOLossConfig = Field(default_factory=DPOLossConfig, description="DPO loss options.")
+    precompute_ref_logps: bool = Field(
+        False, description="Compute the reference log-probs once over the data and cache them (no reference "
+        "model in memory during training; about a third less compute per step).")
+    ref_cache_dir: str | None = Field(None, description="Where cached reference log-probs live; default "
+                                      "~/.cache/rlhf_cli/ref_logps. Keyed by data, tokenizer and reference.")
+    disable_dropout: bool = Field(True, description="Turn dropout off in the policy (as TRL does for DPO).")
+
+
+STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig}
 
 
 # --- loading -------------------------------------------------------------------------------------

@@ -141,6 +141,35 @@ def load_formatted(data_cfg, kind: str, seed: int) -> tuple[Split, str]:
     return split, formats.resolve_format(split.train, data_cfg.format, data_cfg.source)
 
 
+@dataclass
+class PairData:
+    train: list  # formats.PairExample
+    eval: list
+    fmt: str
+    fingerprint: str
+    dropped_malformed: int
+    dropped_equal: int
+    notes: list[str]
+
+
+def load_pair_data(cfg, stage: str) -> PairData:
+    """Preference pairs of `cfg.data` for `stage` (train-rm, dpo): comparisons or HH format."""
+    from . import formats
+
+    split, fmt = load_formatted(cfg.data, kind="pairs", seed=cfg.seed)
+    if fmt not in ("comparisons", "hh"):
+        raise UserError(f"{stage} needs preference pairs (comparisons or hh format), but '{cfg.data.source}' "
+                        f"is in {fmt} format")
+    train, bad, equal = formats.pair_examples(split.train, fmt)
+    held, bad_e, equal_e = formats.pair_examples(split.eval, fmt)
+    if cfg.data.max_examples:
+        train = train[: cfg.data.max_examples]
+    if not train:
+        raise UserError(f"dataset '{cfg.data.source}' has no usable pairs ({bad} malformed, {equal} with "
+                        "chosen == rejected)")
+    return PairData(train, held, fmt, split.fingerprint(), bad + bad_e, equal + equal_e, split.notes)
+
+
 def _pick_splits(rows_by_split: dict[str, list[dict]], data_cfg, seed: int, src: str) -> Split:
     if data_cfg.split not in rows_by_split:
         raise UserError(f"dataset '{src}' has no split '{data_cfg.split}' (it has: {', '.join(rows_by_split)})")

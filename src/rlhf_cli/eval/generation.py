@@ -40,3 +40,26 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], gen_cfg, batch_size:
         progress.remove_task(task)
     model.train(was_training)
     return out
+
+
+def generation_metrics(model, tokenizer, prompts: list[str], references: list[str], cfg, progress=None
+                       ) -> tuple[dict, list[dict]]:
+    """Generate for `prompts` with `cfg.eval.generation`: ROUGE-1/2/L against `references`, mean
+    response length and, when every prompt is synthetic, the gold score; plus the samples."""
+    from ..data.tokenize import encode_prompt
+    from .metrics import gold_scores, mean_and_stderr, rouge
+
+    if not prompts:
+        return {}, []
+    ev = cfg.eval
+    ids = [encode_prompt(tokenizer, p, cfg.data.max_prompt_length)[0] for p in prompts]
+    outs = generate(model, tokenizer, ids, ev.generation, ev.batch_size, ev.seed, progress)
+    texts = tokenizer.batch_decode(outs, skip_special_tokens=True)
+    metrics = {f"eval/{k}": v for k, v in rouge(texts, references).items()}
+    metrics["eval/response_length"] = sum(len(o) for o in outs) / len(outs)
+    gold = gold_scores(prompts, texts)
+    if gold is not None:
+        metrics["eval/gold"], metrics["eval/gold_stderr"] = mean_and_stderr(gold)
+    samples = [{"prompt": p, "reference": r, "completion": t, **({"gold": g} if gold is not None else {})}
+               for p, r, t, g in zip(prompts, references, texts, gold or [None] * len(texts))]
+    return metrics, samples

@@ -8,14 +8,13 @@ one forward pass, 3. backward the summed pair losses / pairs in the step, 4. cli
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import checkpoint as ck
 from ..data import formats
-from ..data.sources import is_hub_name, load_formatted
+from ..data.sources import PairData, is_hub_name, load_pair_data
 from ..data.tokenize import collate_pairs, sequence_ids
 from ..errors import UserError
 from ..eval.metrics import mean_and_stderr
@@ -23,32 +22,6 @@ from ..losses.reward import pairwise_loss
 from ..models import (build_tiny_reward, checkpoint_kind, count_params, freeze_bottom, frozen_block_count,
                       load_reward_model, load_tokenizer, max_positions, sequence_rewards, train_tokenizer)
 from . import common
-
-
-@dataclass
-class PairData:
-    train: list[formats.PairExample]
-    eval: list[formats.PairExample]
-    fmt: str
-    fingerprint: str
-    dropped_malformed: int
-    dropped_equal: int
-    notes: list[str]
-
-
-def load_pair_data(cfg) -> PairData:
-    split, fmt = load_formatted(cfg.data, kind="pairs", seed=cfg.seed)
-    if fmt not in ("comparisons", "hh"):
-        raise UserError(f"train-rm needs preference pairs (comparisons or hh format), but '{cfg.data.source}' "
-                        f"is in {fmt} format")
-    train, bad, equal = formats.pair_examples(split.train, fmt)
-    held, bad_e, equal_e = formats.pair_examples(split.eval, fmt)
-    if cfg.data.max_examples:
-        train = train[: cfg.data.max_examples]
-    if not train:
-        raise UserError(f"dataset '{cfg.data.source}' has no usable pairs ({bad} malformed, {equal} with "
-                        "chosen == rejected)")
-    return PairData(train, held, fmt, split.fingerprint(), bad + bad_e, equal + equal_e, split.notes)
 
 
 def featurize(tok, pairs: list[formats.PairExample], data_cfg) -> list[dict]:
@@ -126,7 +99,7 @@ def plan(cfg, out: Path, world_size: int = 1) -> dict:
     if "data" in info or "model" in info:
         info["optimizer_steps"] = cfg.train.max_steps or "depends on the dataset size"
         return info
-    data = load_pair_data(cfg)
+    data = load_pair_data(cfg, "train-rm")
     tok, model = _load(cfg, data, None)
     frozen = frozen_block_count(model, cfg.freeze_fraction)
     feats = featurize(tok, data.train, cfg.data)
@@ -155,7 +128,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     torch.manual_seed(cfg.seed)
 
     # 1. data and model
-    data = load_pair_data(cfg)
+    data = load_pair_data(cfg, "train-rm")
     tok, model = _load(cfg, data, resume_from)
     limit = max_positions(model)
     if limit and cfg.data.max_length > limit:

@@ -16,10 +16,9 @@ import torch
 from .. import checkpoint as ck
 from ..data import formats
 from ..data.sources import is_hub_name, load_formatted
-from ..data.tokenize import collate_sft, encode_prompt, sft_features
+from ..data.tokenize import collate_sft, sft_features
 from ..errors import UserError
-from ..eval.generation import generate
-from ..eval.metrics import gold_scores, mean_and_stderr, rouge
+from ..eval.generation import generation_metrics
 from ..losses.sft import sft_loss
 from ..models import count_params, load_policy, max_positions
 from . import common
@@ -70,20 +69,9 @@ def evaluate(model, tokenizer, data: SFTData, feats_eval: list[dict], cfg, progr
         model.train()
         metrics["eval/loss"] = total / max(1, count)
     examples = [e for e in data.eval if e.prompt][: ev.num_samples]
-    samples: list[dict] = []
-    if examples:
-        prompt_budget = cfg.data.max_prompt_length
-        ids = [encode_prompt(tokenizer, e.prompt, prompt_budget)[0] for e in examples]
-        outs = generate(model, tokenizer, ids, ev.generation, ev.batch_size, ev.seed, progress)
-        texts = tokenizer.batch_decode(outs, skip_special_tokens=True)
-        metrics.update({f"eval/{k}": v for k, v in rouge(texts, [e.completion for e in examples]).items()})
-        metrics["eval/response_length"] = sum(len(o) for o in outs) / len(outs)
-        gold = gold_scores([e.prompt for e in examples], texts)
-        if gold is not None:
-            metrics["eval/gold"], metrics["eval/gold_stderr"] = mean_and_stderr(gold)
-        samples = [{"prompt": e.prompt, "reference": e.completion, "completion": t,
-                    **({"gold": g} if gold is not None else {})}
-                   for e, t, g in zip(examples, texts, gold or [None] * len(texts))]
+    gen, samples = generation_metrics(model, tokenizer, [e.prompt for e in examples],
+                                      [e.completion for e in examples], cfg, progress)
+    metrics.update(gen)
     return metrics, samples
 
 

@@ -1,0 +1,321 @@
+"""Direct preference optimisation (`rlhf dpo`): the policy learns from preference pairs directly,
+tied to a frozen reference (the initial policy) by beta; no reward model, no sampling.
+
+Loop: for each optimizer step, 1. draw the micro-batches of pairs, 2. one forward pass over chosen
+and rejected (concatenated) gives the policy's summed response log-probs, 3. the reference's come
+from a frozen copy or from the precomputed cache, 4. backward the mean DPO loss, clip and step.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as ck
+from ..data.sources import PairData, is_hub_name, load_pair_data
+from ..data.tokenize import collate_sft, sft_features
+from ..errors import UserError
+from ..eval.generation import generation_metrics
+from ..losses.dpo import DPOLoss, dpo_loss, sequence_logps
+from ..models import count_params, expect_kind, load_causal_lm, load_tokenizer, max_positions
+from . import common
+
+
+def _policy_source(cfg) -> str:
+    return cfg.policy or cfg.model.name_or_path
+
+
+def featurize(tok, pairs, data_cfg) -> list[dict]:
+    """Chosen and rejected as SFT features: prompt masked, EOS appended (its log-prob counts)."""
+    def f(p, c):
+        return sft_features(tok, p, c, data_cfg.max_length, data_cfg.max_prompt_length)
+    return [{"chosen": f(e.prompt, e.chosen), "rejected": f(e.prompt, e.rejected)} for e in pairs]
+
+
+def batch_logps(model, tok, chunk: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward pass over chosen + rejected: (B,) summed logps and (B,) token counts of each."""
+    b = collate_sft([f["chosen"] for f in chunk] + [f["rejected"] for f in chunk], tok.pad_token_id)
+    logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+    logps, n = sequence_logps(logits, b["labels"].to(device))
+    k = len(chunk)
+    return logps[:k], logps[k:], n[:k], n[k:]
+
+
+def reference_logps(ref, tok, feats: list[dict], batch_size: int, device, progress=None,
+                    batches: list[list[int]] | None = None) -> torch.Tensor:
+    """(N, 2) reference log-probs [chosen, rejected] of every pair, no grad.
+
+    `batches` (index lists) fixes which pairs share a forward pass: given the training run's own
+    micro-batches, the values are bit-identical to what a frozen reference computes during training
+    (a different padding changes them by ~1e-6, which 300 Adam steps amplify past 1e-4).
+    """
+    out = torch.zeros(len(feats), 2)
+    covered = {i for b in batches or [] for i in b}
+    rest = [i for i in range(len(feats)) if i not in covered]
+    groups = list(batches or []) + [rest[i: i + batch_size] for i in range(0, len(rest), batch_size)]
+    task = progress.add_task("reference log-probs", total=len(feats), info="") if progress is not None else None
+    with torch.inference_mode():
+        for idx in groups:
+            c, r, _, _ = batch_logps(ref, tok, [feats[i] for i in idx], device)
+            out[idx] = torch.stack([c, r], dim=-1).float().cpu()
+            if task is not None:
+                progress.advance(task, len(idx))
+    if task is not None:
+        progress.remove_task(task)
+    return out
+
+
+def cache_key(cfg, data: PairData, tok, policy_path: str, batching: str = "") -> str:
+    """Changes when the data, the tokenizer, the reference weights, the truncation or the batching change."""
+    h = hashlib.sha256()
+    tok_json = tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else str(tok.get_vocab())
+    ref = ck.content_hash(Path(policy_path)) if Path(policy_path).exists() else policy_path
+    for part in (data.fingerprint, json.dumps([len(data.train), len(data.eval)]), tok_json, str(ref),
+                 json.dumps([cfg.data.max_length, cfg.data.max_prompt_length]), batching):
+        h.update(part.encode())
+        h.update(b"\0")
+    h.update(json.dumps([(e.prompt, e.chosen, e.rejected) for e in data.eval]).encode())
+    return h.hexdigest()[:32]
+
+
+def cached_reference(cfg, data, tok, policy, feats, feats_eval, device, console, progress, batcher):
+    """Reference log-probs of train and held-out pairs, from the cache or computed once and stored.
+
+    The training pairs are scored in the run's first-epoch micro-batches (see reference_logps).
+    """
+    from safetensors.torch import load_file, save_file
+
+    batches = [batcher.indices(p) for p in range(batcher.batches_per_epoch)]
+    batching = json.dumps([cfg.seed, cfg.train.batch_size, batcher.world_size, batcher.rank, cfg.train.group_by_length])
+    root = Path(cfg.ref_cache_dir or Path.home() / ".cache" / "rlhf_cli" / "ref_logps").expanduser()
+    path = root / f"{cache_key(cfg, data, tok, _policy_source(cfg), batching)}.safetensors"
+    if path.exists():
+        t = load_file(str(path))
+        if t["train"].shape[0] == len(feats) and t["eval"].shape[0] == len(feats_eval):
+            console.print(f"  reference log-probs from the cache {path}")
+            return t["train"], t["eval"]
+    train = reference_logps(policy, tok, feats, cfg.eval.batch_size, device, progress, batches)
+    held = reference_logps(policy, tok, feats_eval, cfg.eval.batch_size, device, progress,
+                           [list(range(i, min(len(feats_eval), i + cfg.eval.batch_size)))
+                            for i in range(0, len(feats_eval), cfg.eval.batch_size)])
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({"train": train, "eval": held}, str(tmp))
+    os.replace(tmp, path)
+    console.print(f"  reference log-probs computed once and cached in {path}")
+    return train, held
+
+
+def _disable_dropout(model) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def pair_metrics(prefix: str, out, pw, pl) -> dict:
+    """TRL / AReaL metric names, means over the pairs."""
+    return {
+        f"{prefix}/loss": out.losses.mean().item(),
+        f"{prefix}/rewards/chosen": out.chosen_rewards.mean().item(),
+        f"{prefix}/rewards/rejected": out.rejected_rewards.mean().item(),
+        # a tie (policy == reference) prefers neither: it counts half, so accuracy starts at 0.5
+        f"{prefix}/rewards/accuracies": ((out.chosen_rewards > out.rejected_rewards).float()
+                                         + 0.5 * (out.chosen_rewards == out.rejected_rewards).float()).mean().item(),
+        f"{prefix}/rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean().item(),
+        f"{prefix}/logps/chosen": pw.detach().mean().item(),
+        f"{prefix}/logps/rejected": pl.detach().mean().item(),
+    }
+
+
+def _loss(cfg, pw, pl, rw, rl, nw, nl):
+    L = cfg.loss
+    return dpo_loss(pw, pl, rw, rl, beta=L.beta, loss_type=L.loss_type, label_smoothing=L.label_smoothing,
+                    chosen_lengths=nw, rejected_lengths=nl, rpo_alpha=L.rpo_alpha)
+
+
+def evaluate(model, ref, ref_eval, tok, data: PairData, feats_eval, cfg, device, progress) -> tuple[dict, list]:
+    """Held-out DPO metrics on `eval.num_samples` pairs, and generation (ROUGE vs chosen, gold) on their prompts."""
+    n = min(len(feats_eval), cfg.eval.num_samples)
+    metrics: dict = {}
+    if n:
+        was = model.training
+        model.eval()
+        pws, pls, rws, rls, nws, nls = [], [], [], [], [], []
+        with torch.inference_mode():
+            for i in range(0, n, cfg.eval.batch_size):
+                chunk = feats_eval[i: min(n, i + cfg.eval.batch_size)]
+                pw, pl, nw, nl = batch_logps(model, tok, chunk, device)
+                if ref_eval is not None:
+                    rw, rl = ref_eval[i: i + len(chunk), 0].to(device), ref_eval[i: i + len(chunk), 1].to(device)
+                else:
+                    rw, rl, _, _ = batch_logps(ref, tok, chunk, device)
+                for acc_, v in zip((pws, pls, rws, rls, nws, nls), (pw, pl, rw, rl, nw, nl)):
+                    acc_.append(v)
+        model.train(was)
+        pw, pl, rw, rl, nw, nl = (torch.cat(v) for v in (pws, pls, rws, rls, nws, nls))
+        metrics = pair_metrics("eval", _loss(cfg, pw, pl, rw, rl, nw, nl), pw, pl)
+    pairs = [e for e in data.eval if e.prompt][: cfg.eval.num_samples]
+    gen, samples = generation_metrics(model, tok, [e.prompt for e in pairs], [e.chosen for e in pairs], cfg, progress)
+    metrics.update(gen)
+    return metrics, samples
+
+
+def _load_policy(cfg, path: str):
+    local = Path(path).expanduser()
+    if path == "tiny":
+        raise UserError("dpo needs a trained policy to start from: pass --policy runs/sft")
+    if local.exists():
+        expect_kind(local, "policy", "--policy")
+    tok = load_tokenizer(cfg.tokenizer.name_or_path or path, cfg.model.trust_remote_code, cfg.model.revision)
+    model = load_causal_lm(path, cfg.model)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return tok, model
+
+
+def plan(cfg, out: Path, world_size: int = 1) -> dict:
+    src = _policy_source(cfg)
+    info: dict = {"output_dir": str(out), "stage": "dpo", "preset": cfg.preset, "policy": src,
+                  "loss": f"{cfg.loss.loss_type}, beta {cfg.loss.beta}",
+                  "reference": "precomputed log-probs (cached)" if cfg.precompute_ref_logps else "frozen copy of the policy"}
+    if is_hub_name(cfg.data.source):
+        info["data"] = f"would fetch dataset '{cfg.data.source}' from the hub (not downloaded in --dry-run)"
+    if src != "tiny" and not Path(src).expanduser().exists():
+        info["model"] = f"would fetch model '{src}' from the hub (not downloaded in --dry-run)"
+    if "data" in info or "model" in info:
+        info["optimizer_steps"] = cfg.train.max_steps or "depends on the dataset size"
+        return info
+    data = load_pair_data(cfg, "dpo")
+    tok, model = _load_policy(cfg, src)
+    feats = featurize(tok, data.train, cfg.data)
+    steps, _ = common.total_steps(cfg.train, len(feats), world_size)
+    mean_len = sum(len(f["chosen"]["input_ids"]) + len(f["rejected"]["input_ids"]) for f in feats) / len(feats)
+    per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world_size
+    info.update({"data": f"{cfg.data.source} ({data.fmt}): {len(data.train)} train pairs, {len(data.eval)} held-out",
+                 "model": f"{count_params(model) / 1e6:.2f}M parameters", "optimizer_steps": steps,
+                 "pairs_per_step": per_step, "estimated_tokens": int(steps * per_step * mean_len)})
+    return info
+
+
+def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=None) -> dict:
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    src = _policy_source(cfg)
+    if src == "tiny":
+        raise UserError("dpo needs a trained policy to start from: pass --policy runs/sft")
+    if Path(src).expanduser().exists():
+        expect_kind(Path(src).expanduser(), "policy", "--policy")
+    resume_from = ck.prepare_output(out, resume, overwrite)
+    acc = common.setup_accelerator(cfg)
+    torch.manual_seed(cfg.seed)
+
+    # 1. data, policy, reference (always the initial policy, also when resuming)
+    data = load_pair_data(cfg, "dpo")
+    tok, model = _load_policy(cfg, str(resume_from) if resume_from is not None else src)
+    limit = max_positions(model)
+    if limit and cfg.data.max_length > limit:
+        raise UserError(f"data.max_length ({cfg.data.max_length}) exceeds the model's {limit} positions")
+    if cfg.disable_dropout:
+        _disable_dropout(model)
+    feats, feats_eval = featurize(tok, data.train, cfg.data), featurize(tok, data.eval, cfg.data)
+    steps, _ = common.total_steps(cfg.train, len(feats), acc.num_processes)
+    if resume_from is not None and resume_from == out and (ck.read_progress(out) or {}).get("step", 0) >= steps:
+        console.print(f"[green]{out} is already complete at step {steps}; nothing to do.[/]")
+        return ck.read_manifest(out) or {}
+    initial = model if resume_from is None else _load_policy(cfg, src)[1]
+    ref = ref_train = ref_eval = None
+
+    optimizer = common.make_optimizer(model, cfg.train)
+    scheduler = common.make_scheduler(optimizer, cfg.train, steps)
+    state = {"step": 0, "micro_step": 0, "examples": 0, "tokens": 0}
+    run_ = common.Run(cfg, out, acc, resume_from)
+    manifest = {"parent": ck.parent_info(src),
+                "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,
+                         "train_pairs": len(feats), "eval_pairs": len(feats_eval),
+                         "dropped_equal": data.dropped_equal, "dropped_malformed": data.dropped_malformed},
+                "reference": "precomputed" if cfg.precompute_ref_logps else "frozen copy"}
+    console.print(f"dpo: {len(feats)} pairs ({data.fmt}), {steps} optimizer steps, {cfg.loss.loss_type} loss, "
+                  f"beta {cfg.loss.beta}, {count_params(model) / 1e6:.2f}M parameters -> {out}")
+    for note in data.notes:
+        console.print(f"  {note}")
+    first_eval: dict = {}
+    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, acc.process_index, acc.num_processes,
+                             [len(f["chosen"]["input_ids"]) + len(f["rejected"]["input_ids"]) for f in feats]
+                             if cfg.train.group_by_length else None)
+    with common.progress_bar(console, acc.is_main_process) as progress:
+        if cfg.precompute_ref_logps:
+            initial.to(acc.device)
+            ref_train, ref_eval = cached_reference(cfg, data, tok, initial.eval(), feats, feats_eval, acc.device,
+                                                   console, progress, batcher)
+        else:
+            ref = copy.deepcopy(initial).eval().requires_grad_(False).to(acc.device)
+        del initial
+        model.train()
+        model, optimizer = acc.prepare(model, optimizer)
+        if resume_from is not None:
+            state = common.load_resumed(resume_from, optimizer, scheduler)
+            console.print(f"resuming from {resume_from} at step {state['step']}")
+        if cfg.eval.at_start and state["step"] == 0:
+            first_eval, _ = evaluate(model, ref, ref_eval, tok, data, feats_eval, cfg, acc.device, progress)
+            run_.log(0, first_eval)
+        bar = progress.add_task("dpo", total=steps, completed=state["step"], info="")
+        t_last, pairs_last = time.perf_counter(), state["examples"]
+        while state["step"] < steps:
+            # 1. micro-batches of pairs (indices, so cached reference rows line up)
+            idx_batches = []
+            for _ in range(cfg.train.gradient_accumulation_steps):
+                idx_batches.append(batcher.indices(state["micro_step"]))
+                state["micro_step"] += 1
+            n_pairs = sum(len(b) for b in idx_batches)
+            loss_total, logged = 0.0, []
+            for idx in idx_batches:
+                chunk = [feats[i] for i in idx]
+                # 2. policy log-probs: chosen and rejected in one forward pass
+                with acc.autocast():
+                    pw, pl, nw, nl = batch_logps(model, tok, chunk, acc.device)
+                # 3. reference log-probs
+                if ref_train is not None:
+                    rw, rl = ref_train[idx, 0].to(acc.device), ref_train[idx, 1].to(acc.device)
+                else:
+                    with torch.inference_mode(), acc.autocast():
+                        rw, rl, _, _ = batch_logps(ref, tok, chunk, acc.device)
+                    rw, rl = rw.clone(), rl.clone()
+                out_ = _loss(cfg, pw, pl, rw, rl, nw, nl)
+                # 4. backward: mean over the pairs of the whole optimizer step
+                loss = out_.losses.sum() / n_pairs
+                acc.backward(loss)
+                loss_total += loss.item()
+                logged.append((out_, pw, pl))
+            grad_norm = common.optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm,
+                                              loss_total, state["step"] + 1)
+            state["step"] += 1
+            state["examples"] += n_pairs
+            step = state["step"]
+            progress.update(bar, advance=1, info=f"loss {loss_total:.3f}")
+            if step % cfg.train.log_interval == 0 or step == steps:
+                cat = [torch.cat(v) for v in zip(*[(o.losses.detach(), o.chosen_rewards, o.rejected_rewards, w, lo)
+                                                  for o, w, lo in logged])]
+                m = pair_metrics("train", DPOLoss(*cat[:3]), cat[3], cat[4])
+                dt = time.perf_counter() - t_last
+                run_.log(step, {**m, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
+                                "train/pairs_per_s": (state["examples"] - pairs_last) / max(dt, 1e-9)})
+                t_last, pairs_last = time.perf_counter(), state["examples"]
+            if cfg.eval.interval and step % cfg.eval.interval == 0 and step != steps:
+                run_.log(step, evaluate(model, ref, ref_eval, tok, data, feats_eval, cfg, acc.device, progress)[0])
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != steps:
+                run_.save_intermediate(model, tok, optimizer, scheduler, state, manifest)
+        last_eval, samples = evaluate(model, ref, ref_eval, tok, data, feats_eval, cfg, acc.device, progress)
+        run_.log(steps, last_eval)
+    if not first_eval:
+        first_eval = next((r for r in run_.metrics() if r["step"] == 0 and "eval/loss" in r), {})
+    manifest["metrics"] = last_eval
+    manifest["initial_metrics"] = {k: v for k, v in first_eval.items() if k.startswith("eval/")}
+    run_.save_final(model, tok, optimizer, scheduler, state, manifest, {"eval_samples.jsonl": common.jsonl(samples)})
+    return {"initial": manifest["initial_metrics"], "final": last_eval, "output_dir": str(out), "steps": steps}

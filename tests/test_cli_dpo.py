@@ -1,0 +1,101 @@
+"""`rlhf dpo` end to end on micro configs: the DPO signature, the cached reference, real HH data."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import ROOT
+from rlhf_cli.cli import app
+from test_cli_sft import MICRO, assert_one_sentence
+
+SFT_CONFIG = str(ROOT / "stage_configs" / "tldr_sft.yaml")
+DPO_CONFIG = str(ROOT / "stage_configs" / "tldr_dpo.yaml")
+DPO_MICRO = ["--set", "data.synthetic.num_train=48", "--set", "data.synthetic.num_eval=16", "--set", "train.batch_size=8",
+             "--set", "train.max_steps=6", "--set", "eval.num_samples=8", "--set", "eval.generation.max_new_tokens=8",
+             "--set", "checkpoint.interval=3", "--set", "train.log_interval=1", "--set", "train.learning_rate=1e-2"]
+
+
+def run_cli(*args):
+    return CliRunner().invoke(app, list(args))
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dpo") / "sft"
+    assert run_cli("sft", "--config", SFT_CONFIG, "--output-dir", str(out), *MICRO).exit_code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def dpo_run(sft_ckpt):
+    out = sft_ckpt.parent / "dpo"
+    r = run_cli("dpo", "--config", DPO_CONFIG, "--policy", str(sft_ckpt), "--output-dir", str(out), *DPO_MICRO)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_dpo_starts_at_log_2_with_even_accuracy_and_learns(dpo_run):
+    rows = metrics(dpo_run)
+    start = rows[0]
+    assert start["step"] == 0 and abs(start["eval/loss"] - 0.6931472) < 1e-6  # policy == reference
+    assert start["eval/rewards/accuracies"] == 0.5 and start["eval/rewards/margins"] == 0.0
+    train = [r for r in rows if "train/loss" in r]
+    assert train[-1]["train/rewards/margins"] > 0 and train[-1]["train/loss"] < 0.6931
+    m = json.loads((dpo_run / "rlhf_stage.json").read_text())
+    assert m["stage"] == "dpo" and m["reference"] == "frozen copy"
+    assert {"eval/rewards/chosen", "eval/rewards/rejected", "eval/logps/chosen", "eval/logps/rejected",
+            "eval/gold"} <= set(m["metrics"])
+
+
+def test_cached_reference_gives_the_same_losses(dpo_run, sft_ckpt, tmp_path):
+    out = tmp_path / "dpo_cached"
+    args = ["dpo", "--config", DPO_CONFIG, "--policy", str(sft_ckpt), "--output-dir", str(out), *DPO_MICRO,
+            "--set", "precompute_ref_logps=true", "--set", f"ref_cache_dir={tmp_path / 'cache'}"]
+    r = run_cli(*args)
+    assert r.exit_code == 0, r.output
+    assert "computed once and cached" in r.output
+    cached = [x["train/loss"] for x in metrics(out) if "train/loss" in x]
+    plain = [x["train/loss"] for x in metrics(dpo_run) if "train/loss" in x]
+    assert len(cached) == len(plain) == 6
+    assert max(abs(a - b) for a, b in zip(cached, plain)) < 1e-4
+    # a second run reads the cache; other data means another key
+    r = run_cli(*[a if a != str(out) else str(tmp_path / "again") for a in args])
+    assert r.exit_code == 0 and "from the cache" in r.output
+    r = run_cli(*[a if a != str(out) else str(tmp_path / "other") for a in args], "--set", "data.synthetic.seed=5")
+    assert r.exit_code == 0 and "computed once and cached" in r.output
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
+def test_dpo_refuses_a_reward_model_as_policy(tmp_path, sft_ckpt):
+    rm = tmp_path / "rm"
+    r = run_cli("train-rm", "--config", str(ROOT / "stage_configs" / "tldr_rm.yaml"), "--init-from", str(sft_ckpt),
+                "--output-dir", str(rm), "--set", "train.max_steps=1", "--set", "data.synthetic.num_train=16",
+                "--set", "data.synthetic.num_eval=4", "--set", "eval.at_start=false")
+    assert r.exit_code == 0, r.output
+    assert_one_sentence(run_cli("dpo", "--config", DPO_CONFIG, "--policy", str(rm), "--output-dir", str(tmp_path / "d")),
+                        "is a reward checkpoint, but a policy")
+
+
+def test_dpo_runs_unchanged_on_real_hh(shared_data, sft_ckpt, tmp_path):
+    out = tmp_path / "hh"
+    r = run_cli("dpo", "--config", str(ROOT / "stage_configs" / "hh_dpo.yaml"), "--policy", str(sft_ckpt),
+                "--output-dir", str(out), *DPO_MICRO,
+                "--set", f"data.source={shared_data / 'hh_rlhf' / 'harmless-base_test.jsonl.gz'}",
+                "--set", "data.max_examples=32")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "rlhf_stage.json").read_text())
+    assert m["data"]["format"] == "hh" and "eval/rewards/accuracies" in m["metrics"]
+
+
+@pytest.mark.parametrize("config,presets", [("tldr_dpo.yaml", ["gptj"]), ("hh_dpo.yaml", ["125M", "1B", "6B", "20B"])])
+def test_dpo_gpu_presets_dry_run(config, presets, tmp_path):
+    for preset in presets:
+        r = run_cli("dpo", "--config", str(ROOT / "stage_configs" / config), "--preset", preset,
+                    "--output-dir", str(tmp_path / preset), "--dry-run")
+        assert r.exit_code == 0, r.output
+        assert "would fetch" in r.output
