@@ -18,14 +18,14 @@ app = typer.Typer(
     "Example: rlhf sft --config stage_configs/tldr_sft.yaml --output-dir runs/sft",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
 )
-err = Console(stderr=True)
+err = Console(stderr=True)  # messages, progress, errors
+out = Console()  # results: plans, tables, scores
 
 
 @app.callback()
 def _root() -> None:
     """Reinforcement Learning from Human Feedback, one stage per subcommand."""
 
-out = Console()
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Stage config YAML.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: --set train.learning_rate=1e-4 (repeatable).")]
