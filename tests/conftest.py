@@ -24,3 +24,40 @@ def rlhf_cmd():
     """The installed console script, or the module as a fallback."""
     exe = Path(sys.executable).with_name("rlhf")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "rlhf_cli.cli"]
+
+
+MICRO = [
+    "--set", "data.synthetic.num_train=96", "--set", "data.synthetic.num_eval=8",
+    "--set", "model.tiny.n_layer=1", "--set", "model.tiny.n_embd=32", "--set", "model.tiny.n_head=2",
+    "--set", "tokenizer.vocab_size=300", "--set", "train.batch_size=8", "--set", "train.max_steps=6",
+    "--set", "eval.num_samples=4", "--set", "eval.generation.max_new_tokens=8", "--set", "checkpoint.interval=3",
+]
+SFT_CONFIG = str(ROOT / "stage_configs" / "tldr_sft.yaml")
+
+
+def run_cli(*args):
+    from typer.testing import CliRunner
+
+    from rlhf_cli.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_one_sentence(result, pattern):
+    """Exit code 2, no traceback, exactly one line on stderr that starts with 'error:' and matches."""
+    import re
+
+    assert result.exit_code == 2, result.output
+    text = (result.stderr if hasattr(result, "stderr") else result.output).strip()
+    assert "Traceback" not in result.output
+    assert len(text.splitlines()) == 1 and text.startswith("error:"), text
+    assert re.search(pattern, text), text
+
+
+@pytest.fixture(scope="session")
+def sft_ckpt(tmp_path_factory):
+    """A micro SFT checkpoint that the later stages start from."""
+    out = tmp_path_factory.mktemp("micro") / "sft"
+    r = run_cli("sft", "--config", SFT_CONFIG, "--output-dir", str(out), *MICRO)
+    assert r.exit_code == 0, r.output
+    return out

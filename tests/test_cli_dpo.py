@@ -3,32 +3,16 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
+from conftest import ROOT, assert_one_sentence, run_cli
 
-from conftest import ROOT
-from rlhf_cli.cli import app
-from test_cli_sft import MICRO, assert_one_sentence
-
-SFT_CONFIG = str(ROOT / "stage_configs" / "tldr_sft.yaml")
 DPO_CONFIG = str(ROOT / "stage_configs" / "tldr_dpo.yaml")
 DPO_MICRO = ["--set", "data.synthetic.num_train=48", "--set", "data.synthetic.num_eval=16", "--set", "train.batch_size=8",
              "--set", "train.max_steps=6", "--set", "eval.num_samples=8", "--set", "eval.generation.max_new_tokens=8",
              "--set", "checkpoint.interval=3", "--set", "train.log_interval=1", "--set", "train.learning_rate=1e-2"]
 
 
-def run_cli(*args):
-    return CliRunner().invoke(app, list(args))
-
-
 def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def sft_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dpo") / "sft"
-    assert run_cli("sft", "--config", SFT_CONFIG, "--output-dir", str(out), *MICRO).exit_code == 0
-    return out
 
 
 @pytest.fixture(scope="module")

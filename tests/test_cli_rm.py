@@ -3,28 +3,11 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
+from conftest import ROOT, assert_one_sentence, run_cli
 
-from conftest import ROOT
-from rlhf_cli.cli import app
-from test_cli_sft import MICRO, assert_one_sentence
-
-SFT_CONFIG = str(ROOT / "stage_configs" / "tldr_sft.yaml")
 RM_CONFIG = str(ROOT / "stage_configs" / "tldr_rm.yaml")
 RM_MICRO = ["--set", "data.synthetic.num_train=64", "--set", "data.synthetic.num_eval=16", "--set", "train.batch_size=8",
             "--set", "train.max_steps=4", "--set", "eval.num_samples=16", "--set", "checkpoint.interval=2"]
-
-
-def run_cli(*args):
-    return CliRunner().invoke(app, list(args))
-
-
-@pytest.fixture(scope="module")
-def sft_ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rm") / "sft"
-    r = run_cli("sft", "--config", SFT_CONFIG, "--output-dir", str(out), *MICRO)
-    assert r.exit_code == 0, r.output
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -9,39 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from conftest import MICRO, SFT_CONFIG, assert_one_sentence, rlhf_cmd, run_cli
 
-from conftest import ROOT, rlhf_cmd
-from rlhf_cli.cli import app
-
-MICRO = [
-    "--set", "data.synthetic.num_train=96", "--set", "data.synthetic.num_eval=8",
-    "--set", "model.tiny.n_layer=1", "--set", "model.tiny.n_embd=32", "--set", "model.tiny.n_head=2",
-    "--set", "tokenizer.vocab_size=300", "--set", "train.batch_size=8", "--set", "train.max_steps=6",
-    "--set", "eval.num_samples=4", "--set", "eval.generation.max_new_tokens=8", "--set", "checkpoint.interval=3",
-]
-CONFIG = str(ROOT / "stage_configs" / "tldr_sft.yaml")
-
-
-def run_cli(*args):
-    return CliRunner().invoke(app, list(args))
-
-
-def assert_one_sentence(result, pattern):
-    assert result.exit_code == 2, result.output
-    text = (result.stderr if hasattr(result, "stderr") else result.output).strip()
-    assert "Traceback" not in result.output
-    assert len(text.splitlines()) == 1 and text.startswith("error:"), text
-    import re
-    assert re.search(pattern, " ".join(text.split())), text
+CONFIG = SFT_CONFIG
 
 
 @pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "sft"
-    r = run_cli("sft", "--config", CONFIG, "--output-dir", str(out), *MICRO)
-    assert r.exit_code == 0, r.output
-    return out
+def sft_run(sft_ckpt):
+    return sft_ckpt
 
 
 def test_sft_writes_the_checkpoint_contract(sft_run):

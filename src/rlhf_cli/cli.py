@@ -134,21 +134,31 @@ def _print_results(result: dict, stage: str) -> None:
     out.print(f"checkpoint: {result['output_dir']}")
 
 
+def _run_stage(stage: str, trainer_module: str, title: str, config, sets, preset, seed, output_dir, resume,
+               overwrite, dry_run, debug, **fields) -> None:
+    """Resolve the stage config, set the stage's own flags (`fields`), then plan or train."""
+    def go():
+        import importlib
+
+        trainer = importlib.import_module(f".trainers.{trainer_module}", __package__)
+        _quiet_libraries()
+        cfg, dest = _resolve(stage, config, sets, preset, seed, output_dir)
+        for key, value in fields.items():
+            if value is not None:
+                setattr(cfg, key, value)
+        if dry_run:
+            return _print_plan(cfg, trainer.plan(cfg, dest))
+        _print_results(trainer.run(cfg, dest, resume=resume, overwrite=overwrite, console=err), title)
+    _guard(debug, go)
+
+
 @app.command(epilog="Example: rlhf sft --config stage_configs/tldr_sft.yaml --output-dir runs/sft "
              "--set train.max_steps=50")
 def sft(config: ConfigOpt = None, set_: SetOpt = None, preset: PresetOpt = None, output_dir: OutOpt = None,
         resume: ResumeOpt = False, overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False,
         seed: SeedOpt = None, debug: DebugOpt = False):
     """Supervised fine-tuning of a causal LM on prompt/completion (or plain text) data."""
-    def go():
-        from .trainers import sft as trainer
-
-        _quiet_libraries()
-        cfg, dest = _resolve("sft", config, set_, preset, seed, output_dir)
-        if dry_run:
-            return _print_plan(cfg, trainer.plan(cfg, dest))
-        _print_results(trainer.run(cfg, dest, resume=resume, overwrite=overwrite, console=err), "sft")
-    _guard(debug, go)
+    _run_stage("sft", "sft", "sft", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug)
 
 
 InitOpt = Annotated[str | None, typer.Option("--init-from", help="Start from this checkpoint (e.g. runs/sft) or hub name.")]
@@ -160,17 +170,8 @@ def train_rm(config: ConfigOpt = None, init_from: InitOpt = None, set_: SetOpt =
              output_dir: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
              dry_run: DryRunOpt = False, seed: SeedOpt = None, debug: DebugOpt = False):
     """Train a reward model (scalar head, Bradley-Terry loss) on preference pairs."""
-    def go():
-        from .trainers import reward as trainer
-
-        _quiet_libraries()
-        cfg, dest = _resolve("rm", config, set_, preset, seed, output_dir)
-        if init_from:
-            cfg.init_from = init_from
-        if dry_run:
-            return _print_plan(cfg, trainer.plan(cfg, dest))
-        _print_results(trainer.run(cfg, dest, resume=resume, overwrite=overwrite, console=err), "train-rm")
-    _guard(debug, go)
+    _run_stage("rm", "reward", "train-rm", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
+               init_from=init_from)
 
 
 PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Policy checkpoint to start from (e.g. runs/sft).")]
@@ -181,17 +182,8 @@ def dpo(config: ConfigOpt = None, policy: PolicyOpt = None, set_: SetOpt = None,
         output_dir: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
         dry_run: DryRunOpt = False, seed: SeedOpt = None, debug: DebugOpt = False):
     """Direct preference optimisation of a policy on preference pairs (no reward model)."""
-    def go():
-        from .trainers import dpo as trainer
-
-        _quiet_libraries()
-        cfg, dest = _resolve("dpo", config, set_, preset, seed, output_dir)
-        if policy:
-            cfg.policy = policy
-        if dry_run:
-            return _print_plan(cfg, trainer.plan(cfg, dest))
-        _print_results(trainer.run(cfg, dest, resume=resume, overwrite=overwrite, console=err), "dpo")
-    _guard(debug, go)
+    _run_stage("dpo", "dpo", "dpo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
+               policy=policy)
 
 
 @app.command(epilog="Example: rlhf score --data samples.jsonl --reward-ckpt runs/rm --output scored.jsonl")

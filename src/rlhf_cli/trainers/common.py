@@ -177,6 +177,28 @@ class Run:
         self.acc.wait_for_everyone()
 
 
+def plan_without_download(cfg, info: dict, model_name: str) -> dict | None:
+    """--dry-run for hub names: say what would be fetched instead of fetching it; None when all is local."""
+    from ..data.sources import is_hub_name
+
+    if is_hub_name(cfg.data.source):
+        info["data"] = f"would fetch dataset '{cfg.data.source}' from the hub (not downloaded in --dry-run)"
+    if model_name != "tiny" and not Path(model_name).expanduser().exists():
+        info["model"] = f"would fetch model '{model_name}' from the hub (not downloaded in --dry-run)"
+    if "data" in info or "model" in info:
+        info["optimizer_steps"] = cfg.train.max_steps or "depends on the dataset size"
+        return info
+    return None
+
+
+def already_complete(out: Path, resume_from: Path | None, steps: int, console) -> dict | None:
+    """The manifest of `out` when --resume finds it complete at `steps` or beyond (nothing to train)."""
+    if resume_from is None or resume_from != out or (ck.read_progress(out) or {}).get("step", 0) < steps:
+        return None
+    console.print(f"[green]{out} is already complete at step {steps}; nothing to do.[/]")
+    return ck.read_manifest(out) or {}
+
+
 def progress_bar(console, enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 

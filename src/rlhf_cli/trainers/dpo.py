@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ck
-from ..data.sources import PairData, is_hub_name, load_pair_data
+from ..data.sources import PairData, load_pair_data
 from ..data.tokenize import collate_sft, sft_features
 from ..errors import UserError
 from ..eval.generation import generation_metrics
@@ -184,12 +184,7 @@ def plan(cfg, out: Path, world_size: int = 1) -> dict:
     info: dict = {"output_dir": str(out), "stage": "dpo", "preset": cfg.preset, "policy": src,
                   "loss": f"{cfg.loss.loss_type}, beta {cfg.loss.beta}",
                   "reference": "precomputed log-probs (cached)" if cfg.precompute_ref_logps else "frozen copy of the policy"}
-    if is_hub_name(cfg.data.source):
-        info["data"] = f"would fetch dataset '{cfg.data.source}' from the hub (not downloaded in --dry-run)"
-    if src != "tiny" and not Path(src).expanduser().exists():
-        info["model"] = f"would fetch model '{src}' from the hub (not downloaded in --dry-run)"
-    if "data" in info or "model" in info:
-        info["optimizer_steps"] = cfg.train.max_steps or "depends on the dataset size"
+    if common.plan_without_download(cfg, info, src):
         return info
     data = load_pair_data(cfg, "dpo")
     tok, model = _load_policy(cfg, src)
@@ -226,9 +221,8 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
         _disable_dropout(model)
     feats, feats_eval = featurize(tok, data.train, cfg.data), featurize(tok, data.eval, cfg.data)
     steps, _ = common.total_steps(cfg.train, len(feats), acc.num_processes)
-    if resume_from is not None and resume_from == out and (ck.read_progress(out) or {}).get("step", 0) >= steps:
-        console.print(f"[green]{out} is already complete at step {steps}; nothing to do.[/]")
-        return ck.read_manifest(out) or {}
+    if (done := common.already_complete(out, resume_from, steps, console)) is not None:
+        return done
     initial = model if resume_from is None else _load_policy(cfg, src)[1]
     ref = ref_train = ref_eval = None
 

@@ -14,7 +14,7 @@ import torch
 
 from .. import checkpoint as ck
 from ..data import formats
-from ..data.sources import PairData, is_hub_name, load_pair_data
+from ..data.sources import PairData, load_pair_data
 from ..data.tokenize import collate_pairs, sequence_ids
 from ..errors import UserError
 from ..eval.metrics import mean_and_stderr
@@ -92,12 +92,7 @@ def _load(cfg, data: PairData, resume_from: Path | None):
 def plan(cfg, out: Path, world_size: int = 1) -> dict:
     info: dict = {"output_dir": str(out), "stage": "rm", "preset": cfg.preset, "init_from": _init_source(cfg)}
     name = _init_source(cfg)
-    if is_hub_name(cfg.data.source):
-        info["data"] = f"would fetch dataset '{cfg.data.source}' from the hub (not downloaded in --dry-run)"
-    if name != "tiny" and not Path(name).expanduser().exists():
-        info["model"] = f"would fetch model '{name}' from the hub (not downloaded in --dry-run)"
-    if "data" in info or "model" in info:
-        info["optimizer_steps"] = cfg.train.max_steps or "depends on the dataset size"
+    if common.plan_without_download(cfg, info, name):
         return info
     data = load_pair_data(cfg, "train-rm")
     tok, model = _load(cfg, data, None)
@@ -139,9 +134,8 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
         model.gradient_checkpointing_enable()
     feats, feats_eval = featurize(tok, data.train, cfg.data), featurize(tok, data.eval, cfg.data)
     steps, _ = common.total_steps(cfg.train, len(feats), acc.num_processes)
-    if resume_from is not None and resume_from == out and (ck.read_progress(out) or {}).get("step", 0) >= steps:
-        console.print(f"[green]{out} is already complete at step {steps}; nothing to do.[/]")
-        return ck.read_manifest(out) or {}
+    if (done := common.already_complete(out, resume_from, steps, console)) is not None:
+        return done
 
     optimizer = common.make_optimizer(model, cfg.train)
     scheduler = common.make_scheduler(optimizer, cfg.train, steps)

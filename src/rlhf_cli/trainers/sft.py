@@ -15,7 +15,7 @@ import torch
 
 from .. import checkpoint as ck
 from ..data import formats
-from ..data.sources import is_hub_name, load_formatted
+from ..data.sources import load_formatted
 from ..data.tokenize import collate_sft, sft_features
 from ..errors import UserError
 from ..eval.generation import generation_metrics
@@ -78,21 +78,10 @@ def evaluate(model, tokenizer, data: SFTData, feats_eval: list[dict], cfg, progr
 def plan(cfg, out: Path, world_size: int = 1) -> dict:
     """Validate config, data and model without training; what `--dry-run` prints."""
     info: dict = {"output_dir": str(out), "stage": "sft", "preset": cfg.preset}
-    if is_hub_name(cfg.data.source):
-        info["data"] = f"would fetch dataset '{cfg.data.source}' from the hub (not downloaded in --dry-run)"
-        data = None
-    else:
-        data = load_sft_data(cfg)
-        info["data"] = f"{cfg.data.source} ({data.fmt}): {len(data.train)} train, {len(data.eval)} held-out"
+    if common.plan_without_download(cfg, info, cfg.model.name_or_path):
+        return info
+    data = load_sft_data(cfg)
     name = cfg.model.name_or_path
-    if name != "tiny" and not Path(name).expanduser().exists():
-        info["model"] = f"would fetch model '{name}' from the hub (not downloaded in --dry-run)"
-        steps = cfg.train.max_steps
-        info["optimizer_steps"] = steps if steps else "depends on the dataset size"
-        return info
-    if data is None:
-        info["model"] = name
-        return info
     tok, model = load_policy(cfg, [e.prompt + e.completion for e in data.train])
     feats, truncated = featurize(tok, data.train, cfg.data)
     steps, _ = common.total_steps(cfg.train, len(feats), world_size)
@@ -135,9 +124,8 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
         model.gradient_checkpointing_enable()
 
     steps, _ = common.total_steps(cfg.train, len(feats), acc.num_processes)
-    if resume_from is not None and (ck.read_progress(resume_from) or {}).get("step", 0) >= steps and resume_from == out:
-        console.print(f"[green]{out} is already complete at step {steps}; nothing to do.[/]")
-        return ck.read_manifest(out) or {}
+    if (done := common.already_complete(out, resume_from, steps, console)) is not None:
+        return done
 
     optimizer = common.make_optimizer(model, cfg.train)
     scheduler = common.make_scheduler(optimizer, cfg.train, steps)
