@@ -83,3 +83,37 @@ def test_dpo_gpu_presets_dry_run(config, presets, tmp_path):
                     "--output-dir", str(tmp_path / preset), "--dry-run")
         assert r.exit_code == 0, r.output
         assert "would fetch" in r.output
+
+
+@pytest.mark.parametrize("stage", ["train-rm", "dpo"])
+def test_sigkill_then_resume_for_rm_and_dpo(stage, sft_ckpt, tmp_path):
+    """Kill -9 after an intermediate checkpoint, resume, and finish complete at the planned step."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from conftest import rlhf_cmd
+
+    out, steps = tmp_path / stage, 400
+    config = {"train-rm": "tldr_rm.yaml", "dpo": "tldr_dpo.yaml"}[stage]
+    parent = ["--init-from", str(sft_ckpt)] if stage == "train-rm" else ["--policy", str(sft_ckpt)]
+    args = [*rlhf_cmd(), stage, "--config", str(ROOT / "stage_configs" / config), *parent, "--output-dir", str(out),
+            "--set", "data.synthetic.num_train=64", "--set", "data.synthetic.num_eval=8", "--set", "train.batch_size=4",
+            "--set", f"train.max_steps={steps}", "--set", "checkpoint.interval=10", "--set", "eval.at_start=false",
+            "--set", "eval.num_samples=4", "--set", "eval.generation.max_new_tokens=4"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckdir = Path(str(out) + ".partial") / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(ckdir.glob("step-*/trainer_state/state.json")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "rlhf_stage.json").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    m = json.loads((out / "rlhf_stage.json").read_text())
+    assert m["status"] == "complete" and m["step"] == steps
+    assert not Path(str(out) + ".partial").exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
