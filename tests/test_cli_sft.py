@@ -88,7 +88,7 @@ def test_bad_input_is_one_sentence_and_exit_2(case, tmp_path):
         "wrong_type": (["--set", "train.batch_size=lots"], "'train.batch_size'.*integer"),
         "missing_config": ([], "config file .*nope.yaml does not exist"),
         "missing_data": (["--set", f"data.source={tmp_path}/none.jsonl"], "is not a file, a directory"),
-        "empty": (["--set", f"data.source={_data_file(tmp_path, [], 'empty.jsonl')}"], "no rows|no training rows|cannot read"),
+        "empty": (["--set", f"data.source={_data_file(tmp_path, [], 'empty.jsonl')}"], "empty.jsonl is empty: it has no rows"),
         "missing_column": (["--set", f"data.source={_data_file(tmp_path, [{'prompt': 'a', 'label': 'b'}] * 4, 'cols.jsonl')}",
                             "--set", "data.format=comparisons"], "has no column 'chosen' needed by format 'comparisons'"),
         "bad_utf8": ([], "line 2 of .*bad.jsonl is not UTF-8 text"),

@@ -29,9 +29,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def hub_error(what: str, name: str, exc: BaseException | None = None) -> UserError:
     """The one sentence for a hub name that could not be loaded."""
     if not hub_reachable():
+        hint = "" if offline_mode() else ", or set HF_HUB_OFFLINE=1 to use a cached copy"
         return UserError(
             f"cannot fetch {what} '{name}': it is not a local path and the Hugging Face hub is unreachable "
-            "(offline); pass a local path, or set HF_HUB_OFFLINE=1 to use a cached copy"
+            f"(offline); pass a local path{hint}"
         )
     detail = str(exc).strip().splitlines()[0] if exc is not None and str(exc).strip() else ""
     return UserError(f"cannot load {what} '{name}' from the Hugging Face hub: {detail or type(exc).__name__}")

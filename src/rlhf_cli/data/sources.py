@@ -59,6 +59,8 @@ def _load_local_file(path: Path) -> list[dict]:
     import datasets
 
     builder = _builder_for(path)
+    if path.stat().st_size == 0:
+        raise UserError(f"dataset {path} is empty: it has no rows")
     try:
         return _to_rows(datasets.load_dataset(builder, data_files=str(path), split="train"))
     except Exception as e:  # datasets wraps parse errors in its own DatasetGenerationError
