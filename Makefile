@@ -28,12 +28,14 @@ test: install lint
 test-slow: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m slow
 
-# sft -> train-rm -> (ppo -> eval land with their stages). --resume makes a rerun skip a
+# sft -> train-rm -> ppo (-> eval lands with its stage). --resume makes a rerun skip a
 # complete stage and continue an interrupted one.
 summarize-pipeline: install
 	$(RLHF) sft --config stage_configs/tldr_sft.yaml --preset $(PRESET) --output-dir $(RUNS)/sft --resume
 	$(RLHF) train-rm --config stage_configs/tldr_rm.yaml --preset $(PRESET) --init-from $(RUNS)/sft \
 		--output-dir $(RUNS)/rm --resume
+	$(RLHF) ppo --config stage_configs/tldr_ppo.yaml --preset $(PRESET) --policy $(RUNS)/sft \
+		--reward-ckpt $(RUNS)/rm --output-dir $(RUNS)/ppo --resume
 
 clean:
 	rm -rf runs

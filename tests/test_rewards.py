@@ -112,3 +112,27 @@ def test_exactly_one_source():
         make_reward()
     with pytest.raises(UserError, match="exactly one"):
         make_reward(fn="a:b", url="http://x")
+
+
+def test_lexicon_sentiment_counts_words_and_negations():
+    import math
+
+    from rlhf_cli.rewards.sentiment import lexicon_score, lexicon_sentiment
+
+    assert lexicon_score("a great and wonderful film") == pytest.approx(math.tanh(1.0))
+    assert lexicon_score("boring.") == pytest.approx(math.tanh(-0.5))
+    assert lexicon_score("it was not good") == pytest.approx(math.tanh(-0.5))  # negation flips
+    assert lexicon_score("the plot") == 0.0
+    assert lexicon_sentiment(samples=["x great"], prompts=["x"], outputs=[" great"]) == [pytest.approx(math.tanh(0.5))]
+
+
+def test_synthetic_reviews_are_deterministic_and_mixed():
+    from rlhf_cli.data.synthetic import generate
+    from rlhf_cli.rewards.sentiment import lexicon_score
+
+    a, b = generate("reviews", 200, seed=3), generate("reviews", 200, seed=3)
+    assert a == b and set(a[0]) == {"text"}
+    mean = sum(lexicon_score(r["text"]) for r in a) / len(a)
+    assert -0.3 < mean < 0.3  # about half positive, half negative: PPO has room both ways
+    with pytest.raises(ValueError):
+        generate("reviews", 2, seed=0, kind="pairs")

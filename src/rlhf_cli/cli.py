@@ -134,6 +134,9 @@ def _print_results(result: dict, stage: str) -> None:
     out.print(f"checkpoint: {result['output_dir']}")
 
 
+CLEAR = object()  # a stage flag value meaning "set this config key to null"
+
+
 def _run_stage(stage: str, trainer_module: str, title: str, config, sets, preset, seed, output_dir, resume,
                overwrite, dry_run, debug, **fields) -> None:
     """Resolve the stage config, set the stage's own flags (`fields`), then plan or train."""
@@ -145,7 +148,12 @@ def _run_stage(stage: str, trainer_module: str, title: str, config, sets, preset
         cfg, dest = _resolve(stage, config, sets, preset, seed, output_dir)
         for key, value in fields.items():
             if value is not None:
-                setattr(cfg, key, value)
+                value = None if value is CLEAR else value
+                *parents, leaf = key.split("__")  # reward__ckpt -> cfg.reward.ckpt
+                target = cfg
+                for part in parents:
+                    target = getattr(target, part)
+                setattr(target, leaf, value)
         if dry_run:
             return _print_plan(cfg, trainer.plan(cfg, dest))
         _print_results(trainer.run(cfg, dest, resume=resume, overwrite=overwrite, console=err), title)
@@ -184,6 +192,27 @@ def dpo(config: ConfigOpt = None, policy: PolicyOpt = None, set_: SetOpt = None,
     """Direct preference optimisation of a policy on preference pairs (no reward model)."""
     _run_stage("dpo", "dpo", "dpo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
                policy=policy)
+
+
+RewardCkptOpt = Annotated[str | None, typer.Option("--reward-ckpt", help="Reward-model checkpoint (e.g. runs/rm).")]
+RewardFnOpt = Annotated[str | None, typer.Option("--reward-fn", help="Python reward: module:function.")]
+RewardUrlOpt = Annotated[str | None, typer.Option("--reward-url", help="HTTP reward endpoint (token from $RLHF_REWARD_TOKEN).")]
+
+
+@app.command(epilog="Example: rlhf ppo --config stage_configs/tldr_ppo.yaml --policy runs/sft --reward-ckpt runs/rm "
+             "--output-dir runs/ppo")
+def ppo(config: ConfigOpt = None, policy: PolicyOpt = None, reward_ckpt: RewardCkptOpt = None,
+        reward_fn: RewardFnOpt = None, reward_url: RewardUrlOpt = None,
+        delta: Annotated[bool | None, typer.Option("--delta/--no-delta", help="Reward minus the reference completion's reward.")] = None,
+        set_: SetOpt = None, preset: PresetOpt = None, output_dir: OutOpt = None, resume: ResumeOpt = False,
+        overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False, seed: SeedOpt = None, debug: DebugOpt = False):
+    """Online RLHF with PPO: sample, score with a reward model or function, update the policy under a KL penalty."""
+    given = any((reward_ckpt, reward_fn, reward_url))
+    # a reward flag replaces the config's reward source rather than adding a second one
+    reward = {f"reward__{k}": v or CLEAR for k, v in (("ckpt", reward_ckpt), ("fn", reward_fn), ("url", reward_url),
+                                                    ("classifier", None))} if given else {}
+    _run_stage("ppo", "ppo", "ppo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
+               policy=policy, reward__delta=delta, **reward)
 
 
 @app.command(epilog="Example: rlhf score --data samples.jsonl --reward-ckpt runs/rm --output scored.jsonl")

@@ -196,7 +196,57 @@ class DPOConfig(StageConfig):
     disable_dropout: bool = Field(True, description="Turn dropout off in the policy (as TRL does for DPO).")
 
 
-STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig}
+class RewardConfig(Section):
+    ckpt: str | None = Field(None, description="Reward-model checkpoint (`rlhf train-rm` output); flag --reward-ckpt.")
+    fn: str | None = Field(None, description="Python reward module:function, trlx's reward_fn signature; "
+                           "flag --reward-fn.")
+    url: str | None = Field(None, description="HTTP reward endpoint (POST prompts/completions); flag --reward-url.")
+    token_env: str = Field("RLHF_REWARD_TOKEN", description="Environment variable holding the endpoint's bearer token.")
+    classifier: str | None = Field(None, description="A transformers text classifier (hub name or directory) "
+                                   "scored through a sentiment-analysis pipeline: reward = P(`positive_label`).")
+    positive_label: str = Field("POSITIVE", description="The classifier label whose probability is the reward.")
+    delta: bool = Field(False, description="Reward = score(completion) - score(the dataset's reference completion), "
+                        "as trlx's summarize and HH recipes.")
+    batch_size: int = Field(32, ge=1, description="Completions per reward-model forward pass.")
+    device: str | None = Field(None, description="Device of the reward model (cpu, cuda:1); default: the policy's.")
+
+
+class PPOMethodConfig(Section):
+    num_rollouts: int = Field(128, ge=1, description="Rollouts collected per PPO iteration.")
+    chunk_size: int = Field(16, ge=1, description="Prompts per generation call while collecting rollouts.")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each iteration's rollouts.")
+    init_kl_coef: float = Field(0.1, ge=0, description="Initial KL penalty coefficient beta.")
+    target: float | None = Field(6.0, gt=0, description="Adaptive KL target (nats per rollout); null: fixed beta.")
+    horizon: int = Field(10000, ge=1, description="Adaptive KL horizon, in rollouts.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    cliprange: float = Field(0.2, gt=0, description="Policy ratio clip epsilon.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value clip around the rollout-time values.")
+    vf_coef: float = Field(1.0, ge=0, description="Weight of the value loss.")
+    cliprange_reward: float | None = Field(10.0, gt=0, description="Clip the (scaled) scores to +-this; null: no clip.")
+    scale_reward: Literal["none", "running", "ref"] = Field(
+        "none", description="Divide scores by the running std of all scores, or by the std of the first "
+        "iteration's scores (the initial policy's), or not at all.")
+    num_layers_unfrozen: int = Field(-1, ge=-1, description="Train only the top N transformer blocks (and the "
+                                     "final norm and value head); the reference then shares the frozen trunk. "
+                                     "-1: train every layer (the reference is a full frozen copy).")
+    stop_sequences: list[str] = Field(default_factory=list, description="Cut a completion at the first of these "
+                                      "strings and end it with EOS, e.g. ['Human:'] for dialogues.")
+    prompt_words: int = Field(4, ge=1, description="For plain-text data: prompts are the first N words of each text.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Rollout sampling kwargs.")
+
+
+class PPOConfig(StageConfig):
+    stage: Literal["ppo"] = "ppo"
+    policy: str | None = Field(None, description="Policy to optimise (an SFT checkpoint); also the KL reference. "
+                               "Default: model.name_or_path.")
+    init_sft_steps: int = Field(0, ge=0, description="When the policy is 'tiny', first train it with this many SFT "
+                                "steps on the data's text (the stand-in for a pretrained LM such as gpt2-imdb).")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Where rewards come from.")
+    ppo: PPOMethodConfig = Field(default_factory=PPOMethodConfig, description="PPO hyper-parameters (trlx names).")
+
+
+STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig}
 
 
 # --- loading -------------------------------------------------------------------------------------

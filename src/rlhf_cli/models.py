@@ -226,6 +226,15 @@ def freeze_bottom(model, num_frozen: int) -> None:
             pos.requires_grad_(False)
 
 
+def disable_dropout(model) -> None:
+    """Dropout off: log-probs of the same tokens must not change between rollout and update (TRL does the same)."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
 def frozen_block_count(model, fraction: float) -> int:
     return int(fraction * len(transformer_blocks(model)))
 

@@ -47,7 +47,8 @@ def _builder_for(path: Path) -> str:
         suffixes = suffixes[:-1]
     ext = suffixes[-1] if suffixes else ""
     if ext not in _LOCAL_BUILDERS:
-        raise UserError(f"cannot read {path}: expected a .json, .jsonl, .parquet or .csv file (optionally .gz)")
+        raise UserError(f"cannot read {path}: expected a .json, .jsonl, .parquet or .csv file (optionally .gz), "
+                        "or data.format: text for plain text with one example per line")
     return _LOCAL_BUILDERS[ext]
 
 
@@ -55,12 +56,27 @@ def _to_rows(ds) -> list[dict]:
     return [dict(r) for r in ds]
 
 
-def _load_local_file(path: Path) -> list[dict]:
+def _text_lines(path: Path) -> list[dict]:
+    """A plain-text file (optionally .gz): one {"text"} row per non-empty line."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            return [{"text": line.strip()} for line in f if line.strip()]
+    except UnicodeDecodeError:
+        line = _first_non_utf8_line(path)
+        raise UserError(f"line {line} of {path} is not UTF-8 text; re-encode the file as UTF-8") from None
+
+
+def _load_local_file(path: Path, plain_text: bool = False) -> list[dict]:
     import datasets
 
-    builder = _builder_for(path)
     if path.stat().st_size == 0:
         raise UserError(f"dataset {path} is empty: it has no rows")
+    if plain_text and Path(path.name.removesuffix(".gz")).suffix.lower() not in _LOCAL_BUILDERS:
+        return _text_lines(path)
+    builder = _builder_for(path)
     try:
         return _to_rows(datasets.load_dataset(builder, data_files=str(path), split="train"))
     except Exception as e:  # datasets wraps parse errors in its own DatasetGenerationError
@@ -112,8 +128,11 @@ def load_source(data_cfg, kind: str, seed: int) -> Split:
     src = data_cfg.source.strip()
     if src.startswith("synthetic:"):
         task = src.split(":", 1)[1]
-        if task not in synthetic.TASKS:
-            raise UserError(f"unknown synthetic source '{src}'; choose synthetic:tldr or synthetic:hh")
+        if task not in synthetic.SOURCES:
+            raise UserError(f"unknown synthetic source '{src}'; choose synthetic:tldr, synthetic:hh or "
+                            "synthetic:reviews")
+        if task == "reviews" and kind != "sft":
+            raise UserError("synthetic:reviews holds plain movie reviews, not preference pairs")
         s = data_cfg.synthetic
         rows = synthetic.generate(task, s.num_train + s.num_eval, s.seed, kind=kind, label_noise=s.label_noise)
         return Split(rows[: s.num_train], rows[s.num_train:], src, synthetic_task=task)
@@ -123,7 +142,7 @@ def load_source(data_cfg, kind: str, seed: int) -> Split:
         if path.is_dir():
             rows_by_split = _load_dir(path, data_cfg)
         else:
-            rows_by_split = {"train": _load_local_file(path)}
+            rows_by_split = {"train": _load_local_file(path, plain_text=data_cfg.format == "text")}
     elif is_hub_name(src):
         rows_by_split = _load_hub(src, data_cfg)
     else:

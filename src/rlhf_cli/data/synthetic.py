@@ -215,7 +215,42 @@ _TASKS = {
     "tldr": (_tldr_prompt, TLDR_STYLES, BEST_TLDR),
     "hh": (_hh_prompt, HH_STYLES, BEST_HH),
 }
-TASKS = tuple(_TASKS)
+TASKS = tuple(_TASKS)  # tasks with a gold scorer and preference pairs
+SOURCES = (*TASKS, "reviews")  # every synthetic:NAME data source
+
+# --- reviews: short movie reviews, half positive, half negative (the sentiment-PPO workflow) --------
+REVIEW_SUBJECTS = ["this movie", "the film", "this picture", "the story", "the sequel", "this comedy",
+                   "the drama", "this thriller", "the remake", "this cartoon"]
+REVIEW_OPENERS = ["i watched {subj} last night and it was", "we saw {subj} on friday and it was",
+                  "honestly i think {subj} is", "after two hours {subj} felt", "my brother said {subj} was",
+                  "to be fair {subj} is", "i went to see {subj} and found it", "in my opinion {subj} is"]
+REVIEW_ASPECTS = ["the acting", "the music", "the plot", "the ending", "the cast", "the script",
+                  "the camera work", "the dialogue", "the pacing", "the lead actor"]
+REVIEW_ADJ = {
+    "pos": ["great", "wonderful", "brilliant", "funny", "beautiful", "moving", "charming", "excellent",
+            "delightful", "fun", "clever", "gripping"],
+    "neg": ["boring", "awful", "terrible", "dull", "bad", "weak", "stupid", "painful", "messy",
+            "forgettable", "tedious", "predictable"],
+}
+REVIEW_SENTENCES = ["{aspect} was {adj}.", "{aspect} felt {adj} and {adj2}.", "i found {aspect} {adj}.",
+                    "overall a {adj} night at the movies.", "{aspect} is {adj}, i have to say."]
+
+
+def _review(rng: random.Random) -> str:
+    polarity = rng.choice(["pos", "neg"])
+    subj = rng.choice(REVIEW_SUBJECTS)
+    parts = [rng.choice(REVIEW_OPENERS).format(subj=subj) + f" {rng.choice(REVIEW_ADJ[polarity])}."]
+    for _ in range(rng.randint(1, 3)):
+        pol = polarity if rng.random() < 0.85 else ("neg" if polarity == "pos" else "pos")
+        adj, adj2 = rng.sample(REVIEW_ADJ[pol], 2)
+        parts.append(rng.choice(REVIEW_SENTENCES).format(aspect=rng.choice(REVIEW_ASPECTS), adj=adj, adj2=adj2))
+    return " ".join(parts)
+
+
+def reviews(n: int, seed: int) -> list[dict]:
+    """`n` deterministic movie reviews as {"text"} rows; their sentiment is judged by a lexicon scorer."""
+    rng = random.Random(f"reviews-{seed}")
+    return [{"text": _review(rng)} for _ in range(n)]
 
 
 def generate(task: str, n: int, seed: int, kind: str = "sft", label_noise: float = 0.1) -> list[dict]:
@@ -226,6 +261,10 @@ def generate(task: str, n: int, seed: int, kind: str = "sft", label_noise: float
     references of different gold score; the gold-preferred one is "chosen" except for a fraction
     `label_noise` of pairs, flipped (humans disagree too), flagged by "noisy".
     """
+    if task == "reviews":
+        if kind != "sft":
+            raise ValueError("synthetic:reviews has plain texts only, no preference pairs")
+        return reviews(n, seed)
     if task not in _TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; choose one of {', '.join(TASKS)}")
     make_prompt, styles, _ = _TASKS[task]

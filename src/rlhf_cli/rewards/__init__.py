@@ -176,11 +176,17 @@ class DeltaReward:
 
 
 def make_reward(ckpt: str | None = None, fn: str | None = None, url: str | None = None, delta: bool = False,
-                device: str | None = None, **kw):
-    given = [x for x in (ckpt, fn, url) if x]
+                device: str | None = None, classifier: str | None = None, positive_label: str = "POSITIVE", **kw):
+    given = [x for x in (ckpt, fn, url, classifier) if x]
     if len(given) != 1:
-        raise UserError("give exactly one of --reward-ckpt, --reward-fn, --reward-url")
-    if ckpt:
+        raise UserError("give exactly one of --reward-ckpt, --reward-fn, --reward-url"
+                        + (" (or reward.classifier)" if classifier else "")
+                        + (f"; got {len(given)}" if given else ""))
+    if classifier:
+        from .sentiment import ClassifierReward
+
+        source = ClassifierReward(classifier, positive_label, device=device, batch_size=kw.get("batch_size", 32))
+    elif ckpt:
         source = CheckpointReward(ckpt, device=device, **{k: v for k, v in kw.items() if k in ("batch_size", "max_length")})
     elif fn:
         source = CallableReward(fn)

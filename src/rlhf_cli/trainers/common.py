@@ -164,15 +164,17 @@ class Run:
         self.acc.wait_for_everyone()
 
     def save_final(self, model, tokenizer, optimizer, scheduler, progress: dict, manifest: dict,
-                   extra_files: dict[str, str] | None = None) -> None:
+                   extra_files: dict[str, str] | None = None, extra_dirs: dict[str, Path] | None = None) -> None:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             self.logger.close()
             with ck.atomic_dir(self.out) as tmp:
+                # extra directories: PPO's best/, TensorBoard's tb/
+                for name, src in {**(extra_dirs or {}), "tb": self.partial / "tb"}.items():
+                    if src.exists():
+                        shutil.copytree(src, tmp / name)
                 self._write(tmp, model, tokenizer, optimizer, scheduler, progress, "complete", manifest,
                             extra_files)
-                if (self.partial / "tb").exists():
-                    shutil.copytree(self.partial / "tb", tmp / "tb")
             shutil.rmtree(self.partial, ignore_errors=True)
         self.acc.wait_for_everyone()
 

@@ -23,7 +23,7 @@ from ..data.tokenize import collate_sft, sft_features
 from ..errors import UserError
 from ..eval.generation import generation_metrics
 from ..losses.dpo import DPOLoss, dpo_loss, sequence_logps
-from ..models import count_params, expect_kind, load_causal_lm, load_tokenizer, max_positions
+from ..models import count_params, disable_dropout, expect_kind, load_causal_lm, load_tokenizer, max_positions
 from . import common
 
 
@@ -110,12 +110,6 @@ def cached_reference(cfg, data, tok, policy, feats, feats_eval, device, console,
     os.replace(tmp, path)
     console.print(f"  reference log-probs computed once and cached in {path}")
     return train, held
-
-
-def _disable_dropout(model) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
 
 
 def pair_metrics(prefix: str, out, pw, pl) -> dict:
@@ -218,7 +212,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     if limit and cfg.data.max_length > limit:
         raise UserError(f"data.max_length ({cfg.data.max_length}) exceeds the model's {limit} positions")
     if cfg.disable_dropout:
-        _disable_dropout(model)
+        disable_dropout(model)
     feats, feats_eval = featurize(tok, data.train, cfg.data), featurize(tok, data.eval, cfg.data)
     steps, _ = common.total_steps(cfg.train, len(feats), acc.num_processes)
     if (done := common.already_complete(out, resume_from, steps, console)) is not None:
