@@ -176,6 +176,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(sft_ckpt, tmp_path):
     (["--reward-fn", "no_such_module:f"], "cannot import reward module 'no_such_module'"),
     (["--reward-fn", GOLD_FN, "--set", "ppo.num_layers_unfrozen=7"], "num_layers_unfrozen is 7 but the model has only 1"),
     (["--reward-fn", GOLD_FN, "--set", "ppo.scale_reward=sometimes"], "ppo.scale_reward"),
+    (["--reward-fn", GOLD_FN, "--set", "ppo.num_rollouts=2"], r"ppo.num_rollouts \(2\) must be at least"),
 ])
 def test_bad_input_is_one_sentence(extra, pattern, sft_ckpt, tmp_path):
     r = run_cli("ppo", "--config", PPO_CONFIG, "--policy", str(sft_ckpt), *PPO_MICRO, *extra,

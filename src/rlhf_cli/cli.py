@@ -194,6 +194,15 @@ def dpo(config: ConfigOpt = None, policy: PolicyOpt = None, set_: SetOpt = None,
                policy=policy)
 
 
+@app.command(epilog="Example: rlhf ilql --config stage_configs/tldr_ilql.yaml --policy runs/sft --output-dir runs/ilql")
+def ilql(config: ConfigOpt = None, policy: PolicyOpt = None, set_: SetOpt = None, preset: PresetOpt = None,
+         output_dir: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+         dry_run: DryRunOpt = False, seed: SeedOpt = None, debug: DebugOpt = False):
+    """Offline RL with ILQL: Q/V heads learned from rewarded samples steer generation."""
+    _run_stage("ilql", "ilql", "ilql", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
+               policy=policy)
+
+
 RewardCkptOpt = Annotated[str | None, typer.Option("--reward-ckpt", help="Reward-model checkpoint (e.g. runs/rm).")]
 RewardFnOpt = Annotated[str | None, typer.Option("--reward-fn", help="Python reward: module:function.")]
 RewardUrlOpt = Annotated[str | None, typer.Option("--reward-url", help="HTTP reward endpoint (token from $RLHF_REWARD_TOKEN).")]
@@ -213,6 +222,68 @@ def ppo(config: ConfigOpt = None, policy: PolicyOpt = None, reward_ckpt: RewardC
                                                     ("classifier", None))} if given else {}
     _run_stage("ppo", "ppo", "ppo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
                policy=policy, reward__delta=delta, **reward)
+
+
+@app.command("eval", epilog="Example: rlhf eval --ckpt runs/sft --ckpt runs/ppo --rouge --reward --reward-ckpt runs/rm "
+             "--output-dir runs/eval")
+def eval_(
+    ckpt: Annotated[list[str], typer.Option("--ckpt", help="Policy checkpoint to evaluate (repeatable).")],
+    data: Annotated[str | None, typer.Option("--data", help="Data source of the held-out prompts (default: the first "
+                                              "checkpoint's, else synthetic:tldr).")] = None,
+    config: ConfigOpt = None,
+    rouge_: Annotated[bool, typer.Option("--rouge/--no-rouge", help="ROUGE-1/2/L against the references.")] = True,
+    reward: Annotated[bool, typer.Option("--reward", help="Score completions with the reward source given.")] = False,
+    reward_ckpt: RewardCkptOpt = None, reward_fn: RewardFnOpt = None, reward_url: RewardUrlOpt = None,
+    ref_ckpt: Annotated[str | None, typer.Option("--ref-ckpt", help="Reference policy of the KL column (default: the "
+                                                  "first checkpoint's parent).")] = None,
+    beta: Annotated[float | None, typer.Option("--beta", help="ILQL checkpoints: steer with logits + beta * (Q - V).")] = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="Held-out prompts.")] = 256,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 32,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 1.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed (the same for every checkpoint).")] = 1234,
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the report goes.")] = Path("runs/eval"),
+    debug: DebugOpt = False,
+):
+    """Evaluate policies side by side: ROUGE, reward and Δ, gold, KL, length; report.md/json, samples, plots."""
+    def go():
+        from . import checkpoint as ck
+        from .config import DataConfig, GenerationConfig, load_config
+        from .eval import report
+        from .rewards import make_reward
+        from .trainers.common import progress_bar
+
+        _quiet_libraries()
+        for c in ckpt:
+            if not Path(c).exists():
+                raise UserError(f"checkpoint {c} does not exist")
+        if reward and not any((reward_ckpt, reward_fn, reward_url)):
+            raise UserError("--reward needs --reward-ckpt, --reward-fn or --reward-url")
+        if config is not None:  # the data section of any stage config
+            import yaml
+
+            raw = yaml.safe_load(config.read_text()) if config.is_file() else None
+            data_cfg = load_config(config, (raw or {}).get("stage", "sft") if isinstance(raw, dict) else "sft").data
+        else:
+            saved = ((ck.read_manifest(Path(ckpt[0])) or {}).get("config") or {}).get("data")
+            data_cfg = DataConfig(**saved) if saved and not data else DataConfig(source=data or "synthetic:tldr")
+        if data_cfg.source.startswith("synthetic:"):
+            data_cfg = data_cfg.model_copy(update={"synthetic": data_cfg.synthetic.model_copy(
+                update={"num_eval": max(num_samples, data_cfg.synthetic.num_eval)})})
+        pairs = report.load_eval_prompts(data_cfg, 42, num_samples)
+        source = make_reward(reward_ckpt, reward_fn, reward_url, batch_size=batch_size) if reward else None
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0)
+        with progress_bar(err, True) as progress:
+            rows, samples = report.evaluate_checkpoints(
+                ckpt, pairs, gen, reward=source, ref=ref_ckpt, beta=beta, use_rouge=rouge_, batch_size=batch_size,
+                seed=seed, max_prompt_length=data_cfg.max_prompt_length, progress=progress)
+        settings = {"checkpoints": ckpt, "data": data_cfg.source, "num_samples": len(pairs), "seed": seed,
+                    "max_new_tokens": max_new_tokens, "temperature": temperature, "beta": beta,
+                    "reward": source.name if source else None}
+        files = report.write_report(rows, samples, output_dir, settings)
+        out.print(report.table(rows, f"rlhf eval: {len(pairs)} held-out prompts of {data_cfg.source}"))
+        out.print(f"report: {output_dir} ({', '.join(files)})")
+    _guard(debug, go)
 
 
 @app.command(epilog="Example: rlhf score --data samples.jsonl --reward-ckpt runs/rm --output scored.jsonl")

@@ -67,10 +67,11 @@ class DataConfig(Section):
         None, description="Held-out split; default: the 'test'/'valid' split if present, else eval_fraction."
     )
     eval_fraction: float = Field(0.05, gt=0, lt=1, description="Held-out share when no eval split exists.")
-    format: Literal["auto", "tldr", "comparisons", "hh", "text"] = Field(
+    format: Literal["auto", "tldr", "comparisons", "hh", "text", "rewarded"] = Field(
         "auto",
         description="tldr (prompt, label) | comparisons (prompt, chosen, rejected) | hh (chosen/rejected "
-        "dialogues) | text (one column trained whole); auto picks from the columns.",
+        "dialogues) | text (one column trained whole) | rewarded (prompt, completion, reward: ILQL); "
+        "auto picks from the columns.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename columns to the schema's names, e.g. {prompt: post}."
@@ -246,7 +247,32 @@ class PPOConfig(StageConfig):
     ppo: PPOMethodConfig = Field(default_factory=PPOMethodConfig, description="PPO hyper-parameters (trlx names).")
 
 
-STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig}
+class ILQLMethodConfig(Section):
+    tau: float = Field(0.7, gt=0, lt=1, description="Expectile of the V loss.")
+    gamma: float = Field(0.99, ge=0, le=1, description="Discount.")
+    cql_scale: float = Field(0.1, ge=0, description="Weight of the CQL term.")
+    awac_scale: float = Field(1.0, ge=0, description="Weight of the advantage-weighted LM term.")
+    alpha: float = Field(0.001, gt=0, le=1, description="Polyak rate of the target Q heads.")
+    beta: float = Field(0.0, ge=0, description="AWAC temperature: LM-term weight exp(beta * (Q - V)).")
+    steps_for_target_q_sync: int = Field(1, ge=1, description="Polyak-update the target Q heads every N optimizer steps.")
+    two_qs: bool = Field(True, description="Two Q heads (double Q); targets use their minimum.")
+    rewards: Literal["labels", "gold"] = Field(
+        "labels", description="Pairs become samples rewarded +1 (chosen) / -1 (rejected), or, on synthetic data, "
+        "by their gold score. (prompt, completion, reward) files use their reward column.")
+    gen_betas: list[float] = Field(default_factory=lambda: [0.0, 1.0, 4.0], description="Eval sweep of the "
+                                   "steering strength: logits + beta * (Q - V).")
+    gen_top_k: int = Field(20, ge=0, description="Top-k of steered sampling; 0 disables.")
+
+
+class ILQLConfig(StageConfig):
+    stage: Literal["ilql"] = "ilql"
+    policy: str | None = Field(None, description="Policy the heads are trained on (an SFT checkpoint). "
+                               "Default: model.name_or_path.")
+    ilql: ILQLMethodConfig = Field(default_factory=ILQLMethodConfig, description="ILQL hyper-parameters (trlx names).")
+
+
+STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig,
+                                        "ilql": ILQLConfig}
 
 
 # --- loading -------------------------------------------------------------------------------------

@@ -102,3 +102,122 @@ class Reference:
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                       use_cache=False, logits_to_keep=num_logits)
         return functional_call(self.policy, self.params, args=(), kwargs=kwargs, strict=False).logits
+
+
+ILQL_HEADS_FILE = "ilql_heads.safetensors"
+
+
+def _mlp(h: int, out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(h, 2 * h), nn.ReLU(), nn.Linear(2 * h, out))
+
+
+class ILQLHeads(nn.Module):
+    """trlx's ILQL heads on the LM's final hidden state: Q heads (two with `two_qs`), their Polyak
+    target copies, and a V head. Saved to ilql_heads.safetensors beside the plain HF policy."""
+
+    def __init__(self, hidden: int, vocab: int, two_qs: bool = True):
+        super().__init__()
+        self.two_qs = two_qs
+        self.qs = nn.ModuleList(_mlp(hidden, vocab) for _ in range(2 if two_qs else 1))
+        self.target_qs = nn.ModuleList(_mlp(hidden, vocab) for _ in range(2 if two_qs else 1))
+        self.target_qs.load_state_dict(self.qs.state_dict())
+        self.target_qs.requires_grad_(False)
+        self.v = _mlp(hidden, 1)
+
+    def forward(self, hidden: torch.Tensor):
+        """(qs, target_qs, v) for hidden (B, T, H): lists of (B, T, vocab) and (B, T)."""
+        with torch.no_grad():
+            target = [q(hidden) for q in self.target_qs]
+        return [q(hidden) for q in self.qs], target, self.v(hidden).squeeze(-1)
+
+    def save(self, directory, state_dict=None) -> None:
+        from safetensors.torch import save_file
+
+        sd = state_dict if state_dict is not None else self.state_dict()
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(Path(directory) / ILQL_HEADS_FILE),
+                  metadata={"format": "pt", "two_qs": str(self.two_qs), "architecture": "Linear(H,2H)-ReLU-Linear(2H,out)"})
+
+    @classmethod
+    def load(cls, directory) -> "ILQLHeads":
+        from safetensors import safe_open
+
+        path = Path(directory) / ILQL_HEADS_FILE
+        with safe_open(str(path), "pt") as f:
+            two_qs = f.metadata().get("two_qs") == "True"
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        hidden, vocab = sd["qs.0.0.weight"].shape[1], sd["qs.0.2.weight"].shape[0]
+        heads = cls(hidden, vocab, two_qs)
+        heads.load_state_dict(sd)
+        return heads
+
+
+class PolicyWithILQLHeads(nn.Module):
+    def __init__(self, policy, heads: ILQLHeads):
+        super().__init__()
+        self.policy, self.heads = policy, heads
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def forward(self, input_ids, attention_mask):
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+        qs, target_qs, v = self.heads(out.hidden_states[-1])
+        return out.logits, qs, target_qs, v
+
+    def save_pretrained(self, dest, state_dict=None, safe_serialization=True, **kw):
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        lm = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
+        self.policy.save_pretrained(dest, state_dict=lm, safe_serialization=True)
+        self.heads.save(dest, {k.removeprefix("heads."): v for k, v in state_dict.items() if k.startswith("heads.")})
+
+
+@torch.no_grad()
+def ilql_generate(policy, heads: ILQLHeads, tokenizer, prompt_ids: list[list[int]], beta: float, max_new_tokens: int,
+                  top_k: int, temperature: float, batch_size: int, seed: int, progress=None) -> list[list[int]]:
+    """Sample with logits log pi + beta * (min Q_target - V), top-k, temperature (trlx's ILQL generate),
+    token by token with the KV cache. Returns completion ids without EOS. beta = 0 samples the policy."""
+    from .data.tokenize import pad_left
+    from .losses.ilql import steered_logits
+
+    device = next(policy.parameters()).device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out: list[list[int]] = []
+    was = policy.training
+    policy.eval()
+    task = progress.add_task(f"generating (beta {beta:g})", total=len(prompt_ids), info="") if progress else None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for i in range(0, len(prompt_ids), batch_size):
+            chunk = prompt_ids[i: i + batch_size]
+            ids = pad_left(chunk, pad).to(device)
+            mask = pad_left([[1] * len(c) for c in chunk], 0).to(device)
+            pos = position_ids(mask)
+            res = policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, output_hidden_states=True)
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+            new = []
+            for _ in range(max_new_tokens):
+                h = res.hidden_states[-1][:, -1]
+                _, tq, v = heads(h)
+                scores = steered_logits(res.logits[:, -1], tq, v, beta)
+                if top_k:
+                    kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+                    scores = scores.masked_fill(scores < kth, float("-inf"))
+                tok = torch.multinomial(torch.softmax(scores / temperature, -1), 1).squeeze(-1)
+                tok = torch.where(done, torch.full_like(tok, pad), tok)
+                new.append(tok)
+                done |= tok == eos
+                if done.all():
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                pos = pos[:, -1:] + 1
+                res = policy(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
+                             past_key_values=res.past_key_values, use_cache=True, output_hidden_states=True)
+            for row in torch.stack(new, 1).tolist():
+                out.append(row[: row.index(eos)] if eos in row else row)
+            if task is not None:
+                progress.advance(task, len(chunk))
+    if task is not None:
+        progress.remove_task(task)
+    policy.train(was)
+    return out

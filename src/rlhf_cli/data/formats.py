@@ -5,6 +5,7 @@ Schemas (after `data.columns` renaming):
     comparisons  {prompt, chosen, rejected}                          CarperAI/openai_summarize_comparisons
     hh           {chosen: "\\n\\nHuman: ..\\n\\nAssistant: ..", rejected}   Anthropic/hh-rlhf
     text         {text}                                              trained whole
+    rewarded     {prompt, completion, reward}                        offline RL (ILQL)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ REQUIRED = {
     "comparisons": ("prompt", "chosen", "rejected"),
     "hh": ("chosen", "rejected"),
     "text": ("text",),
+    "rewarded": ("prompt", "completion", "reward"),
 }
 
 
@@ -83,7 +85,7 @@ def rename_columns(rows: list[dict], columns: dict[str, str]) -> list[dict]:
 
 
 def detect_format(columns: set[str]) -> str | None:
-    for fmt in ("comparisons", "tldr", "hh", "text"):
+    for fmt in ("comparisons", "rewarded", "tldr", "hh", "text"):
         if set(REQUIRED[fmt]) <= columns:
             return fmt
     return None
@@ -130,6 +132,8 @@ def sft_examples(rows: list[dict], fmt: str) -> tuple[list[SFTExample], int]:
                 prompt, completion = row["prompt"], row["chosen"]
             elif fmt == "hh":
                 prompt, completion = split_hh(row["chosen"])
+            elif fmt == "rewarded":
+                prompt, completion = row["prompt"], row["completion"]
             else:
                 prompt, completion = "", row["text"]
         except (ValueError, TypeError, AttributeError):

@@ -258,6 +258,13 @@ def total_iterations(cfg, num_prompts: int, world_size: int = 1) -> int:
     return max(1, math.ceil(cfg.train.epochs * num_prompts / (cfg.ppo.num_rollouts * world_size)))
 
 
+def _check_batching(cfg) -> None:
+    per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+    if cfg.ppo.num_rollouts < per_step:
+        raise UserError(f"ppo.num_rollouts ({cfg.ppo.num_rollouts}) must be at least train.batch_size x "
+                        f"gradient_accumulation_steps ({per_step}), the rollouts of one optimizer step")
+
+
 def _check_lengths(cfg, policy) -> None:
     limit = max_positions(policy)
     need = cfg.data.max_prompt_length + max(cfg.ppo.generation.max_new_tokens, cfg.eval.generation.max_new_tokens)
@@ -275,7 +282,8 @@ def plan(cfg, out: Path, world_size: int = 1) -> dict:
                                                             else "fixed"),
                   "reference": "full frozen copy" if cfg.ppo.num_layers_unfrozen < 0 else
                                f"frozen trunk shared, top {cfg.ppo.num_layers_unfrozen} blocks copied"}
-    if common.plan_without_download(cfg, info, src if src != "tiny" else "tiny"):
+    _check_batching(cfg)
+    if common.plan_without_download(cfg, info, src):
         return info
     data = load_prompts(cfg)
     iters = total_iterations(cfg, len(data.train), world_size)
@@ -299,6 +307,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                         "(or set init_sft_steps to warm up a tiny one)")
     if Path(src).expanduser().exists():
         expect_kind(Path(src).expanduser(), "policy", "--policy")
+    _check_batching(cfg)
     acc = common.setup_accelerator(cfg)
     torch.manual_seed(cfg.seed)
     P = cfg.ppo

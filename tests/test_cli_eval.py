@@ -1,0 +1,64 @@
+"""`rlhf eval`: the report's numbers on fixed tiny inputs, ILQL checkpoints with --beta, bad input."""
+
+import json
+
+import pytest
+from conftest import ROOT, assert_one_sentence, run_cli
+
+GOLD_FN = "rlhf_cli.data.synthetic:gold_reward_fn"
+
+
+def test_rouge_against_a_hand_checked_pair():
+    from rlhf_cli.eval.metrics import rouge
+
+    r = rouge(["the cat sat"], ["the cat sat on the mat"])
+    # unigrams: precision 3/3, recall 3/6 -> F 2/3; bigrams: 2/2 and 2/5 -> F 4/7; LCS 3 -> F 2/3
+    assert r["rouge1"] == pytest.approx(2 / 3)
+    assert r["rouge2"] == pytest.approx(4 / 7)
+    assert r["rougeL"] == pytest.approx(2 / 3)
+
+
+def test_eval_report_numbers_and_files(sft_ckpt, tmp_path):
+    out = tmp_path / "eval"
+    r = run_cli("eval", "--ckpt", str(sft_ckpt), "--ckpt", str(sft_ckpt), "--reward", "--reward-fn", GOLD_FN,
+                "--num-samples", "6", "--max-new-tokens", "6", "--output-dir", str(out))
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    a, b = rep["results"]
+    assert a == {**b, "checkpoint": a["checkpoint"]}  # same model, same seed: same numbers
+    assert a["kl"] == pytest.approx(0.0, abs=1e-6)  # its own reference
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6
+    name = a["checkpoint"]
+    rewards = [s[name]["reward"] for s in samples]
+    assert a["reward"] == pytest.approx(sum(rewards) / 6)
+    assert a["gold"] == pytest.approx(a["reward"])  # the reward function is the gold scorer
+    deltas = [s[name]["reward"] - s["reference_reward"] for s in samples]
+    assert a["reward_delta"] == pytest.approx(sum(deltas) / 6)
+    for f in ("report.md", "reward_vs_kl.png", "reward_distribution.png"):
+        assert (out / f).stat().st_size > 0
+    assert "reward Δ" in (out / "report.md").read_text()
+
+
+def test_eval_steers_an_ilql_checkpoint_with_beta(sft_ckpt, tmp_path):
+    ilql = tmp_path / "ilql"
+    r = run_cli("ilql", "--config", str(ROOT / "stage_configs" / "tldr_ilql.yaml"), "--policy", str(sft_ckpt),
+                "--output-dir", str(ilql), "--set", "data.synthetic.num_train=32", "--set", "data.synthetic.num_eval=4",
+                "--set", "train.batch_size=8", "--set", "train.max_steps=2", "--set", "eval.num_samples=2",
+                "--set", "eval.generation.max_new_tokens=4", "--set", "ilql.gen_betas=[0]")
+    assert r.exit_code == 0, r.output
+    r = run_cli("eval", "--ckpt", str(ilql), "--beta", "2", "--num-samples", "4", "--max-new-tokens", "4",
+                "--output-dir", str(tmp_path / "eval"))
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert rep["results"][0]["checkpoint"].endswith("(beta 2)")
+    assert "gold" in rep["results"][0]
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--ckpt", "no/such/dir"], "checkpoint no/such/dir does not exist"),
+    (["--ckpt", "SFT", "--reward"], "--reward needs"),
+])
+def test_eval_bad_input(args, pattern, sft_ckpt, tmp_path):
+    args = [str(sft_ckpt) if a == "SFT" else a for a in args]
+    assert_one_sentence(run_cli("eval", *args, "--output-dir", str(tmp_path / "e")), pattern)
