@@ -1,5 +1,6 @@
 # rlhf-cli — two commands do all set-up on a fresh machine:
 #   make summarize-pipeline     the "Learning to summarize" recipe (tiny preset: CPU, minutes)
+#   make hh-pipeline            SFT, PPO, ILQL and DPO on HH dialogues, compared in one table
 #   make test                   the fast test suite (what CI runs)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ RLHF   := $(VENV)/bin/rlhf
 PRESET ?= tiny
 RUNS   ?= runs/$(PRESET)
 
-.PHONY: install test test-slow lint summarize-pipeline clean
+.PHONY: install test test-slow lint summarize-pipeline hh-pipeline clean
 
 # torch first and pinned: 2.13.0 has a CPU wheel on the build machines; a bare `torch`
 # requirement would pull several GB of CUDA packages.
@@ -28,14 +29,33 @@ test: install lint
 test-slow: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m slow
 
-# sft -> train-rm -> ppo (-> eval lands with its stage). --resume makes a rerun skip a
-# complete stage and continue an interrupted one.
+# sft -> train-rm -> ppo -> eval (SFT and PPO side by side). --resume makes a rerun skip a complete
+# stage whose config is unchanged and continue an interrupted one; eval reuses an up-to-date report.
 summarize-pipeline: install
 	$(RLHF) sft --config stage_configs/tldr_sft.yaml --preset $(PRESET) --output-dir $(RUNS)/sft --resume
 	$(RLHF) train-rm --config stage_configs/tldr_rm.yaml --preset $(PRESET) --init-from $(RUNS)/sft \
 		--output-dir $(RUNS)/rm --resume
 	$(RLHF) ppo --config stage_configs/tldr_ppo.yaml --preset $(PRESET) --policy $(RUNS)/sft \
 		--reward-ckpt $(RUNS)/rm --output-dir $(RUNS)/ppo --resume
+	$(RLHF) eval --ckpt $(RUNS)/sft --ckpt $(RUNS)/ppo --rouge --reward --reward-ckpt $(RUNS)/rm \
+		--max-new-tokens $(if $(filter tiny,$(PRESET)),32,50) --output-dir $(RUNS)/eval
+
+# The HH workflow, one data set, every method: sft -> rm, then ppo, ilql and dpo from the sft
+# checkpoint, then one eval of all of them side by side (ILQL steered with beta 4).
+HH := $(RUNS)/hh
+hh-pipeline: install
+	$(RLHF) sft --config stage_configs/hh_sft.yaml --preset $(PRESET) --output-dir $(HH)/sft --resume
+	$(RLHF) train-rm --config stage_configs/hh_rm.yaml --preset $(PRESET) --init-from $(HH)/sft \
+		--output-dir $(HH)/rm --resume
+	$(RLHF) ppo --config stage_configs/hh_ppo.yaml --preset $(PRESET) --policy $(HH)/sft \
+		--reward-ckpt $(HH)/rm --output-dir $(HH)/ppo --resume
+	$(RLHF) ilql --config stage_configs/hh_ilql.yaml --preset $(PRESET) --policy $(HH)/sft \
+		--output-dir $(HH)/ilql --resume
+	$(RLHF) dpo --config stage_configs/hh_dpo.yaml --preset $(PRESET) --policy $(HH)/sft \
+		--output-dir $(HH)/dpo --resume
+	$(RLHF) eval --ckpt $(HH)/sft --ckpt $(HH)/ppo --ckpt $(HH)/ilql --ckpt $(HH)/dpo --beta 4 --rouge \
+		--reward --reward-ckpt $(HH)/rm --max-new-tokens $(if $(filter tiny,$(PRESET)),40,128) \
+		--output-dir $(HH)/eval
 
 clean:
 	rm -rf runs

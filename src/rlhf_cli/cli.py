@@ -134,6 +134,21 @@ def _print_results(result: dict, stage: str) -> None:
     out.print(f"checkpoint: {result['output_dir']}")
 
 
+def _config_changed(cfg, dest: Path) -> bool:
+    """--resume on a complete checkpoint whose resolved config differs: it is retrained (and replaced
+    only once the new one is complete), so a rerun pipeline skips exactly the unchanged stages."""
+    from . import checkpoint as ck
+    from .trainers.common import config_changes
+
+    if not ck.is_complete(dest) or ck.partial_dir(dest).exists():
+        return False
+    changed = config_changes(cfg, dest)
+    if changed:
+        err.print(f"{dest} was trained with a different config ({', '.join(changed[:4])}"
+                  f"{', ...' if len(changed) > 4 else ''}); training it again")
+    return bool(changed)
+
+
 CLEAR = object()  # a stage flag value meaning "set this config key to null"
 
 
@@ -156,7 +171,9 @@ def _run_stage(stage: str, trainer_module: str, title: str, config, sets, preset
                 setattr(target, leaf, value)
         if dry_run:
             return _print_plan(cfg, trainer.plan(cfg, dest))
-        _print_results(trainer.run(cfg, dest, resume=resume, overwrite=overwrite, console=err), title)
+        retrain = resume and _config_changed(cfg, dest)
+        _print_results(trainer.run(cfg, dest, resume=resume and not retrain, overwrite=overwrite or retrain,
+                                   console=err), title)
     _guard(debug, go)
 
 
@@ -242,13 +259,16 @@ def eval_(
     temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 1.0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed (the same for every checkpoint).")] = 1234,
-    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the report goes.")] = Path("runs/eval"),
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the report goes; a report made with the "
+                                              "same checkpoints and settings is reused.")] = Path("runs/eval"),
     debug: DebugOpt = False,
 ):
     """Evaluate policies side by side: ROUGE, reward and Δ, gold, KL, length; report.md/json, samples, plots."""
     def go():
+        import json
+
         from . import checkpoint as ck
-        from .config import DataConfig, GenerationConfig, load_config
+        from .config import DataConfig, GenerationConfig, load_config, to_dict
         from .eval import report
         from .rewards import make_reward
         from .trainers.common import progress_bar
@@ -271,15 +291,23 @@ def eval_(
             data_cfg = data_cfg.model_copy(update={"synthetic": data_cfg.synthetic.model_copy(
                 update={"num_eval": max(num_samples, data_cfg.synthetic.num_eval)})})
         pairs = report.load_eval_prompts(data_cfg, 42, num_samples)
-        source = make_reward(reward_ckpt, reward_fn, reward_url, batch_size=batch_size) if reward else None
         gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0)
+        settings = {"checkpoints": ckpt, "content_hashes": [ck.content_hash(Path(c)) for c in ckpt],
+                    "data": to_dict(data_cfg), "num_samples": len(pairs), "seed": seed, "rouge": rouge_,
+                    "max_new_tokens": max_new_tokens, "temperature": temperature, "beta": beta, "ref_ckpt": ref_ckpt,
+                    "reward": [reward_ckpt, reward_fn, reward_url] if reward else None,
+                    "reward_hash": ck.content_hash(Path(reward_ckpt)) if reward and reward_ckpt else None}
+        saved = output_dir / "report.json"
+        if saved.is_file() and json.loads(saved.read_text()).get("settings") == settings:
+            rows = json.loads(saved.read_text())["results"]
+            out.print(report.table(rows, f"rlhf eval: {len(pairs)} held-out prompts of {data_cfg.source}"))
+            out.print(f"report: {output_dir} is up to date (same checkpoints, data and settings); nothing to do")
+            return
+        source = make_reward(reward_ckpt, reward_fn, reward_url, batch_size=batch_size) if reward else None
         with progress_bar(err, True) as progress:
             rows, samples = report.evaluate_checkpoints(
                 ckpt, pairs, gen, reward=source, ref=ref_ckpt, beta=beta, use_rouge=rouge_, batch_size=batch_size,
                 seed=seed, max_prompt_length=data_cfg.max_prompt_length, progress=progress)
-        settings = {"checkpoints": ckpt, "data": data_cfg.source, "num_samples": len(pairs), "seed": seed,
-                    "max_new_tokens": max_new_tokens, "temperature": temperature, "beta": beta,
-                    "reward": source.name if source else None}
         files = report.write_report(rows, samples, output_dir, settings)
         out.print(report.table(rows, f"rlhf eval: {len(pairs)} held-out prompts of {data_cfg.source}"))
         out.print(f"report: {output_dir} ({', '.join(files)})")
