@@ -134,7 +134,7 @@ def _fmt(row: dict, key: str) -> str:
     if v is None:
         return "—"
     se = row.get(f"{key}_stderr")
-    return f"{v:.3f}" + (f"±{se:.3f}" if se is not None and se == se else "")
+    return f"{v:.3f}" + (f" ± {se:.3f}" if se is not None and se == se else "")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -144,16 +144,23 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def short_name(name: str) -> str:
+    """runs/tiny/ppo (beta 4) -> ppo (beta 4): the table's column header."""
+    path, _, rest = name.partition(" ")
+    return (Path(path).name or path) + (f" {rest}" if rest else "")
+
+
 def table(rows: list[dict], title: str):
+    """Metrics down, checkpoints across (trlx's SFT-vs-PPO layout): fits a terminal for a handful of models."""
     from rich.table import Table
 
     cols = [(k, t) for k, t in COLUMNS if any(k in r for r in rows)]
     t = Table(title=title)
-    t.add_column("checkpoint", overflow="fold")
-    for _, name in cols:
-        t.add_column(name, justify="right", no_wrap=True)
+    t.add_column("metric")
     for r in rows:
-        t.add_row(r["checkpoint"], *(_fmt(r, k) for k, _ in cols))
+        t.add_column(short_name(r["checkpoint"]), justify="right", no_wrap=True)
+    for k, name in cols:
+        t.add_row(name, *(_fmt(r, k) for r in rows))
     return t
 
 
