@@ -8,6 +8,10 @@ from conftest import ROOT, assert_one_sentence, run_cli
 GOLD_FN = "rlhf_cli.data.synthetic:gold_reward_fn"
 
 
+def _flat(text: str) -> str:
+    return " ".join(text.split())  # rich wraps long lines at the terminal width
+
+
 def test_rouge_against_a_hand_checked_pair():
     from rlhf_cli.eval.metrics import rouge
 
@@ -62,3 +66,30 @@ def test_eval_steers_an_ilql_checkpoint_with_beta(sft_ckpt, tmp_path):
 def test_eval_bad_input(args, pattern, sft_ckpt, tmp_path):
     args = [str(sft_ckpt) if a == "SFT" else a for a in args]
     assert_one_sentence(run_cli("eval", *args, "--output-dir", str(tmp_path / "e")), pattern)
+
+
+def test_resume_skips_an_unchanged_stage_and_retrains_a_changed_one(tmp_path):
+    from conftest import MICRO, SFT_CONFIG
+
+    out = tmp_path / "sft"
+    args = ["sft", "--config", SFT_CONFIG, "--output-dir", str(out), *MICRO, "--set", "checkpoint.interval=0"]
+    assert run_cli(*args).exit_code == 0
+    before = (out / "model.safetensors").read_bytes()
+    again = run_cli(*args, "--resume")
+    assert again.exit_code == 0 and "already complete" in _flat(again.output)
+    assert (out / "model.safetensors").read_bytes() == before
+    changed = run_cli(*args, "--resume", "--set", "train.learning_rate=0.01")
+    assert changed.exit_code == 0 and "different config (train.learning_rate)" in _flat(changed.output)
+    m = json.loads((out / "rlhf_stage.json").read_text())
+    assert m["status"] == "complete" and m["config"]["train"]["learning_rate"] == 0.01
+    assert (out / "model.safetensors").read_bytes() != before
+
+
+def test_eval_reuses_an_up_to_date_report(sft_ckpt, tmp_path):
+    args = ["eval", "--ckpt", str(sft_ckpt), "--num-samples", "3", "--max-new-tokens", "4",
+            "--output-dir", str(tmp_path / "e")]
+    first = run_cli(*args)
+    assert first.exit_code == 0, first.output
+    second = run_cli(*args)
+    assert second.exit_code == 0 and "up to date" in _flat(second.output)
+    assert "up to date" not in _flat(run_cli(*args[:-2], "--seed", "7", "--output-dir", str(tmp_path / "e")).output)

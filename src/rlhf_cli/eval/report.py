@@ -176,12 +176,16 @@ def plots(rows: list[dict], samples: list[dict], out: Path) -> list[str]:
     if key is None:
         return written
     fig, ax = plt.subplots(figsize=(5, 4))
-    for r in rows:
+    for i, r in enumerate(rows):
+        color = f"C{i}"
         if key in r:
-            ax.errorbar(r.get("kl", 0.0), r[key], yerr=r.get(f"{key}_stderr") or 0, fmt="o", capsize=3,
-                        label=r["checkpoint"])
+            ax.errorbar(r.get("kl", 0.0), r[key], yerr=r.get(f"{key}_stderr") or 0, fmt="o", capsize=3, color=color,
+                        label=f"{short_name(r['checkpoint'])}: {key}")
+        if key != "gold" and "gold" in r:  # the true score beside the learned one: over-optimisation shows
+            ax.errorbar(r.get("kl", 0.0), r["gold"], yerr=r.get("gold_stderr") or 0, fmt="s", mfc="none", capsize=3,
+                        color=color, label=f"{short_name(r['checkpoint'])}: gold")
     ax.set_xlabel("KL to the reference policy (nats)")
-    ax.set_ylabel(f"mean {key}")
+    ax.set_ylabel(f"mean {key}" + (" / gold" if any("gold" in r for r in rows) and key != "gold" else ""))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / f"{key}_vs_kl.png", dpi=120)
@@ -192,7 +196,7 @@ def plots(rows: list[dict], samples: list[dict], out: Path) -> list[str]:
         vals = [s[r["checkpoint"]].get(key) for s in samples if isinstance(s.get(r["checkpoint"]), dict)]
         vals = [v for v in vals if v is not None]
         if vals:
-            ax.hist(vals, bins=30, alpha=0.5, label=r["checkpoint"])
+            ax.hist(vals, bins=30, alpha=0.5, label=short_name(r["checkpoint"]))
     ax.set_xlabel(key)
     ax.set_ylabel("samples")
     ax.legend(fontsize=7)
