@@ -14,6 +14,7 @@ Tensors are stored with safetensors only; everything else is JSON. Nothing here 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -71,8 +72,11 @@ def atomic_dir(final: Path):
     try:
         yield tmp
         _fsync_tree(tmp)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"the disk is full: writing {final} failed and nothing was replaced "
+                            "(free some space, then rerun with --resume)") from None
         raise
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():

@@ -36,6 +36,8 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an exis
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Validate config, data and model; print the plan; train nothing.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Override the config's seed.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub to run (only for "
+                                        "models you trust); off unless given.")]
 
 
 def _fail(message: str, code: int = 2):
@@ -56,8 +58,13 @@ def _guard(debug: bool, fn):
         return fn()
     except UserError as e:
         _fail(str(e))
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]; the last complete checkpoint is kept, continue with --resume")
+    except KeyboardInterrupt as e:
+        from .trainers.common import Interrupted
+
+        if isinstance(e, Interrupted):
+            err.print(f"[yellow]stopped[/] at step {e.step}; checkpoint saved in {e.path}, continue with --resume")
+        else:
+            err.print("[yellow]interrupted[/]; the last complete checkpoint is kept, continue with --resume")
         raise typer.Exit(130)
     except typer.Exit:
         raise
@@ -68,11 +75,13 @@ def _guard(debug: bool, fn):
               "(re-run with --debug for the traceback)", code=1)
 
 
-def _sigterm_as_interrupt() -> None:
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+def _graceful_signals() -> None:
+    """SIGINT / SIGTERM: a training loop saves a checkpoint after its current step, then exits 130."""
+    from .trainers.common import STOP
+
     try:
-        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGTERM, STOP.signal)
+        signal.signal(signal.SIGINT, STOP.signal)
     except ValueError:  # not the main thread
         pass
 
@@ -181,9 +190,10 @@ def _run_stage(stage: str, trainer_module: str, title: str, config, sets, preset
              "--set train.max_steps=50")
 def sft(config: ConfigOpt = None, set_: SetOpt = None, preset: PresetOpt = None, output_dir: OutOpt = None,
         resume: ResumeOpt = False, overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False,
-        seed: SeedOpt = None, debug: DebugOpt = False):
+        seed: SeedOpt = None, trust_remote_code: TrustOpt = False, debug: DebugOpt = False):
     """Supervised fine-tuning of a causal LM on prompt/completion (or plain text) data."""
-    _run_stage("sft", "sft", "sft", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug)
+    _run_stage("sft", "sft", "sft", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
+               model__trust_remote_code=trust_remote_code or None)
 
 
 InitOpt = Annotated[str | None, typer.Option("--init-from", help="Start from this checkpoint (e.g. runs/sft) or hub name.")]
@@ -193,10 +203,10 @@ InitOpt = Annotated[str | None, typer.Option("--init-from", help="Start from thi
              "--output-dir runs/rm")
 def train_rm(config: ConfigOpt = None, init_from: InitOpt = None, set_: SetOpt = None, preset: PresetOpt = None,
              output_dir: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
-             dry_run: DryRunOpt = False, seed: SeedOpt = None, debug: DebugOpt = False):
+             dry_run: DryRunOpt = False, seed: SeedOpt = None, trust_remote_code: TrustOpt = False, debug: DebugOpt = False):
     """Train a reward model (scalar head, Bradley-Terry loss) on preference pairs."""
     _run_stage("rm", "reward", "train-rm", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
-               init_from=init_from)
+               init_from=init_from, model__trust_remote_code=trust_remote_code or None)
 
 
 PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Policy checkpoint to start from (e.g. runs/sft).")]
@@ -205,19 +215,19 @@ PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Policy checkpoi
 @app.command(epilog="Example: rlhf dpo --config stage_configs/tldr_dpo.yaml --policy runs/sft --output-dir runs/dpo")
 def dpo(config: ConfigOpt = None, policy: PolicyOpt = None, set_: SetOpt = None, preset: PresetOpt = None,
         output_dir: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
-        dry_run: DryRunOpt = False, seed: SeedOpt = None, debug: DebugOpt = False):
+        dry_run: DryRunOpt = False, seed: SeedOpt = None, trust_remote_code: TrustOpt = False, debug: DebugOpt = False):
     """Direct preference optimisation of a policy on preference pairs (no reward model)."""
     _run_stage("dpo", "dpo", "dpo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
-               policy=policy)
+               policy=policy, model__trust_remote_code=trust_remote_code or None)
 
 
 @app.command(epilog="Example: rlhf ilql --config stage_configs/tldr_ilql.yaml --policy runs/sft --output-dir runs/ilql")
 def ilql(config: ConfigOpt = None, policy: PolicyOpt = None, set_: SetOpt = None, preset: PresetOpt = None,
          output_dir: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
-         dry_run: DryRunOpt = False, seed: SeedOpt = None, debug: DebugOpt = False):
+         dry_run: DryRunOpt = False, seed: SeedOpt = None, trust_remote_code: TrustOpt = False, debug: DebugOpt = False):
     """Offline RL with ILQL: Q/V heads learned from rewarded samples steer generation."""
     _run_stage("ilql", "ilql", "ilql", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
-               policy=policy)
+               policy=policy, model__trust_remote_code=trust_remote_code or None)
 
 
 RewardCkptOpt = Annotated[str | None, typer.Option("--reward-ckpt", help="Reward-model checkpoint (e.g. runs/rm).")]
@@ -231,14 +241,14 @@ def ppo(config: ConfigOpt = None, policy: PolicyOpt = None, reward_ckpt: RewardC
         reward_fn: RewardFnOpt = None, reward_url: RewardUrlOpt = None,
         delta: Annotated[bool | None, typer.Option("--delta/--no-delta", help="Reward minus the reference completion's reward.")] = None,
         set_: SetOpt = None, preset: PresetOpt = None, output_dir: OutOpt = None, resume: ResumeOpt = False,
-        overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False, seed: SeedOpt = None, debug: DebugOpt = False):
+        overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False, seed: SeedOpt = None, trust_remote_code: TrustOpt = False, debug: DebugOpt = False):
     """Online RLHF with PPO: sample, score with a reward model or function, update the policy under a KL penalty."""
     given = any((reward_ckpt, reward_fn, reward_url))
     # a reward flag replaces the config's reward source rather than adding a second one
     reward = {f"reward__{k}": v or CLEAR for k, v in (("ckpt", reward_ckpt), ("fn", reward_fn), ("url", reward_url),
                                                     ("classifier", None))} if given else {}
     _run_stage("ppo", "ppo", "ppo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
-               policy=policy, reward__delta=delta, **reward)
+               policy=policy, reward__delta=delta, **reward, model__trust_remote_code=trust_remote_code or None)
 
 
 @app.command("eval", epilog="Example: rlhf eval --ckpt runs/sft --ckpt runs/ppo --rouge --reward --reward-ckpt runs/rm "
@@ -357,7 +367,7 @@ def score(
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _sigterm_as_interrupt()
+    _graceful_signals()
     try:
         app()
     except SystemExit as e:

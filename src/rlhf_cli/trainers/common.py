@@ -113,6 +113,38 @@ def run_name(cfg) -> str:
     return cfg.logging.run_name or f"{cfg.stage}-{cfg.preset}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+class StopFlag:
+    """SIGINT / SIGTERM during training: finish the current step, save a checkpoint, then exit.
+
+    Armed while a training loop runs (`Run` arms it); unarmed, a signal interrupts at once.
+    A second signal always interrupts at once.
+    """
+
+    def __init__(self):
+        self.armed = False
+        self.requested = False
+
+    def signal(self, signum, frame) -> None:
+        if not self.armed or self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        import sys
+
+        print("stopping: a checkpoint is written after the current step (interrupt again to abort at once)",
+              file=sys.stderr, flush=True)
+
+
+STOP = StopFlag()
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised after the checkpoint of a requested stop is written."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"stopped at step {step}")
+        self.step, self.path = step, path
+
+
 class Run:
     """One stage run's directories, logger and checkpoint writing (main process only writes)."""
 
@@ -130,6 +162,7 @@ class Run:
             elif log.exists():
                 log.unlink()
         self.logger = MetricsLogger(self.partial / ck.METRICS, cfg.logging, run_name(cfg), to_dict(cfg), enabled=main)
+        STOP.armed, STOP.requested = True, False
         if main and resume_from is not None:
             truncate_metrics(self.partial / ck.METRICS, (ck.read_progress(resume_from) or {}).get("step", 0))
 
@@ -163,6 +196,14 @@ class Run:
             ck.prune_checkpoints(self.out, self.cfg.checkpoint.keep_last)
         self.acc.wait_for_everyone()
 
+    def checkpoint(self, model, tokenizer, optimizer, scheduler, progress: dict, manifest: dict, due: bool) -> None:
+        """Save an intermediate checkpoint when one is due or a stop was requested; then honour the stop."""
+        if due or STOP.requested:
+            self.save_intermediate(model, tokenizer, optimizer, scheduler, progress, manifest)
+        if STOP.requested:
+            STOP.armed = False
+            raise Interrupted(progress["step"], self.partial / "checkpoints" / f"{ck.CKPT_PREFIX}{progress['step']:08d}")
+
     def save_final(self, model, tokenizer, optimizer, scheduler, progress: dict, manifest: dict,
                    extra_files: dict[str, str] | None = None, extra_dirs: dict[str, Path] | None = None) -> None:
         self.acc.wait_for_everyone()
@@ -176,6 +217,7 @@ class Run:
                 self._write(tmp, model, tokenizer, optimizer, scheduler, progress, "complete", manifest,
                             extra_files)
             shutil.rmtree(self.partial, ignore_errors=True)
+        STOP.armed = False
         self.acc.wait_for_everyone()
 
 

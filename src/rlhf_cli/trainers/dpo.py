@@ -23,7 +23,7 @@ from ..data.tokenize import collate_sft, sft_features
 from ..errors import UserError
 from ..eval.generation import generation_metrics
 from ..losses.dpo import DPOLoss, dpo_loss, sequence_logps
-from ..models import count_params, disable_dropout, expect_kind, load_causal_lm, load_tokenizer, max_positions
+from ..models import check_vocab, count_params, disable_dropout, expect_kind, load_causal_lm, load_tokenizer, max_positions
 from . import common
 
 
@@ -168,6 +168,7 @@ def _load_policy(cfg, path: str):
         expect_kind(local, "policy", "--policy")
     tok = load_tokenizer(cfg.tokenizer.name_or_path or path, cfg.model.trust_remote_code, cfg.model.revision)
     model = load_causal_lm(path, cfg.model)
+    check_vocab(tok, model, cfg.tokenizer.name_or_path or path)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return tok, model
@@ -297,8 +298,8 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 t_last, pairs_last = time.perf_counter(), state["examples"]
             if cfg.eval.interval and step % cfg.eval.interval == 0 and step != steps:
                 run_.log(step, evaluate(model, ref, ref_eval, tok, data, feats_eval, cfg, acc.device, progress)[0])
-            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != steps:
-                run_.save_intermediate(model, tok, optimizer, scheduler, state, manifest)
+            run_.checkpoint(model, tok, optimizer, scheduler, state, manifest,
+                            due=bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0 and step != steps)
         last_eval, samples = evaluate(model, ref, ref_eval, tok, data, feats_eval, cfg, acc.device, progress)
         run_.log(steps, last_eval)
     if not first_eval:

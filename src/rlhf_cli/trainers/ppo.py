@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..eval.generation import generate
 from ..heads import PolicyWithValueHead, Reference
 from ..losses import ppo as L
-from ..models import (count_params, disable_dropout, expect_kind, freeze_bottom, load_causal_lm, load_tokenizer,
+from ..models import (check_vocab, count_params, disable_dropout, expect_kind, freeze_bottom, load_causal_lm, load_tokenizer,
                       max_positions, transformer_blocks)
 from . import common
 
@@ -77,6 +77,7 @@ def _load_policy(cfg, path: str):
         expect_kind(local, "policy", "--policy")
     tok = load_tokenizer(cfg.tokenizer.name_or_path or path, cfg.model.trust_remote_code, cfg.model.revision)
     model = load_causal_lm(path, cfg.model)
+    check_vocab(tok, model, cfg.tokenizer.name_or_path or path)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return tok, model
@@ -314,11 +315,17 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
 
     # 1. prompts, reward, policy (+ value head) and the reference (always the initial policy)
     data = load_prompts(cfg)
+    steps_per_iter = iteration_steps(cfg, acc.num_processes)
+    iterations = total_iterations(cfg, len(data.train), acc.num_processes)
+    steps = iterations * steps_per_iter
+    if (done := common.already_complete(out, resume_from, steps, console)) is not None:
+        return done
     source = make_reward_source(cfg, acc.device)
     scorer = Scorer(source, cfg.reward.delta)
     run_ = common.Run(cfg, out, acc, resume_from)
     if src == "tiny":
         src = warm_up_tiny_policy(cfg, run_.partial / "init_policy", console)
+        common.STOP.armed = True  # the warm-up's own run disarmed it on completion
     tok, policy = _load_policy(cfg, src)
     _check_lengths(cfg, policy)
     disable_dropout(policy)
@@ -333,11 +340,6 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
         model.load_value_head(resume_from)
         del resumed
 
-    steps_per_iter = iteration_steps(cfg, acc.num_processes)
-    iterations = total_iterations(cfg, len(data.train), acc.num_processes)
-    steps = iterations * steps_per_iter
-    if (done := common.already_complete(out, resume_from, steps, console)) is not None:
-        return done
     optimizer = common.make_optimizer(model, cfg.train)
     scheduler = common.make_scheduler(optimizer, cfg.train, steps)
     model, optimizer = acc.prepare(model, optimizer)
@@ -375,10 +377,12 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                                   note="the best checkpoint by eval/reward; the parent directory holds the last")
 
     first_eval: dict = {}
+    history: list[dict] = []  # the first 8 eval samples of every eval: how the completions change
     with common.progress_bar(console, acc.is_main_process) as progress:
         if cfg.eval.at_start and state["step"] == 0:
-            first_eval, _ = evaluate(core, reference, tok, data, scorer, cfg, acc.device, progress)
+            first_eval, first_samples = evaluate(core, reference, tok, data, scorer, cfg, acc.device, progress)
             run_.log(0, first_eval)
+            history += [{"step": 0, **x} for x in first_samples[:8]]
         bar = progress.add_task("ppo", total=steps, completed=state["step"], info="")
         while state["iteration"] < iterations:
             t0 = time.perf_counter()
@@ -434,13 +438,16 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 metrics, samples = evaluate(core, reference, tok, data, scorer, cfg, acc.device, progress)
                 run_.log(step, metrics)
                 _show_samples(console, samples, step)
+                history += [{"step": step, **x} for x in samples[:8]]
                 save_best(metrics, step)
-            if not last and cfg.checkpoint.interval and \
-                    step // cfg.checkpoint.interval != (step - steps_per_iter) // cfg.checkpoint.interval:
-                run_.save_intermediate(model, tok, optimizer, scheduler, state, manifest)
+            due = bool(cfg.checkpoint.interval) and \
+                step // cfg.checkpoint.interval != (step - steps_per_iter) // cfg.checkpoint.interval
+            if not last:
+                run_.checkpoint(model, tok, optimizer, scheduler, state, manifest, due=due)
         last_eval, samples = evaluate(core, reference, tok, data, scorer, cfg, acc.device, progress)
         run_.log(steps, last_eval)
         _show_samples(console, samples, steps)
+        history += [{"step": steps, **x} for x in samples[:8]]
         save_best(last_eval, steps)
     if not first_eval:
         first_eval = next((r for r in run_.metrics() if r["step"] == 0 and "eval/reward" in r), {})
@@ -448,7 +455,8 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     manifest["initial_metrics"] = {k: v for k, v in first_eval.items() if k.startswith("eval/")}
     manifest["best"] = {"dir": "best", "step": state["best_step"], "eval/reward": state["best_reward"]}
     extra_dirs = {"best": run_.partial / "best"} if (run_.partial / "best").exists() else {}
-    run_.save_final(model, tok, optimizer, scheduler, state, manifest, {"eval_samples.jsonl": common.jsonl(samples)},
+    run_.save_final(model, tok, optimizer, scheduler, state, manifest,
+                    {"eval_samples.jsonl": common.jsonl(samples), "eval_samples_history.jsonl": common.jsonl(history)},
                     extra_dirs=extra_dirs)
     return {"initial": manifest["initial_metrics"], "final": last_eval, "output_dir": str(out), "steps": steps}
 
@@ -484,7 +492,10 @@ def collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, 
         timings["generate"] += time.perf_counter() - t
         txt = tok.batch_decode(r, skip_special_tokens=True)
         t = time.perf_counter()
-        rewards, raw_scores = scorer([p for p, _ in chunk], txt, [ref for _, ref in chunk])
+        try:
+            rewards, raw_scores = scorer([p for p, _ in chunk], txt, [ref for _, ref in chunk])
+        except UserError as e:  # e.g. a NaN score: name where the run stopped (its last checkpoint is kept)
+            raise UserError(f"at step {state['step']} (iteration {state['iteration'] + 1}): {e}") from None
         timings["score"] += time.perf_counter() - t
         t = time.perf_counter()
         b = collate(q, r, tok.pad_token_id, device)

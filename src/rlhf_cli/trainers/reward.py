@@ -210,8 +210,8 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 t_last, pairs_last = time.perf_counter(), state["examples"]
             if cfg.eval.interval and step % cfg.eval.interval == 0 and step != steps:
                 run_.log(step, evaluate(unwrapped, tok, feats_eval, data.eval, cfg, acc.device))
-            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != steps:
-                run_.save_intermediate(model, tok, optimizer, scheduler, state, manifest)
+            run_.checkpoint(model, tok, optimizer, scheduler, state, manifest,
+                            due=bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0 and step != steps)
         last_eval = evaluate(unwrapped, tok, feats_eval, data.eval, cfg, acc.device)
         run_.log(steps, last_eval)
     if not first_eval:

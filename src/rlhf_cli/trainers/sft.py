@@ -201,8 +201,8 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
             if cfg.eval.interval and step % cfg.eval.interval == 0 and step != steps:
                 metrics, _ = evaluate(model, tok, data, feats_eval, cfg, progress)
                 run_.log(step, metrics)
-            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != steps:
-                run_.save_intermediate(model, tok, optimizer, scheduler, progress_state, manifest)
+            run_.checkpoint(model, tok, optimizer, scheduler, progress_state, manifest,
+                            due=bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0 and step != steps)
 
         last_eval, samples = evaluate(model, tok, data, feats_eval, cfg, progress)
         run_.log(steps, last_eval)

@@ -1,0 +1,221 @@
+"""Crash safety and graceful stops across stages."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MICRO, SFT_CONFIG, rlhf_cmd
+
+
+def _wait_for(path: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not path.exists():
+        time.sleep(0.05)
+
+
+def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path):
+    out = tmp_path / "sft"
+    args = [*rlhf_cmd(), "sft", "--config", SFT_CONFIG, "--output-dir", str(out), *MICRO,
+            "--set", "train.max_steps=400", "--set", "checkpoint.interval=0", "--set", "eval.at_start=false",
+            "--set", "train.log_interval=1"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(Path(str(out) + ".partial") / "metrics.jsonl")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "stopped at step" in " ".join(stderr.split())
+    saved = list((Path(str(out) + ".partial") / "checkpoints").glob("step-*/trainer_state/state.json"))
+    assert len(saved) == 1  # checkpoint.interval is 0: this one exists only because of the signal
+    resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    m = json.loads((out / "rlhf_stage.json").read_text())
+    assert m["status"] == "complete" and m["step"] == 400
+    # the stopped-and-resumed run matches one that was never interrupted
+    straight = [a if a != str(out) else str(tmp_path / "straight") for a in args]
+    assert subprocess.run(straight, capture_output=True).returncode == 0
+    s = json.loads((tmp_path / "straight" / "rlhf_stage.json").read_text())
+    assert m["metrics"] == pytest.approx(s["metrics"], rel=1e-4, abs=1e-5)
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from conftest import run_cli
+
+    from rlhf_cli import checkpoint as ck
+
+    out = tmp_path / "sft"
+    args = ["sft", "--config", SFT_CONFIG, "--output-dir", str(out), *MICRO, "--set", "checkpoint.interval=0"]
+    assert run_cli(*args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_trainer_state", full)
+    r = run_cli(*args, "--overwrite", "--set", "train.learning_rate=0.01")
+    # training ran first (its progress is on stderr); the failure itself is the one error line at the end
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the disk is full: writing") and "nothing was replaced" in last
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_the_reward_token_is_sent_but_never_written(sft_ckpt, tmp_path, monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from conftest import ROOT, run_cli
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(self.headers.get("Authorization"))
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            data = json.dumps({"rewards": [float(len(c)) / 10 for c in body["completions"]]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    secret = "tok-3f9a-very-secret"
+    monkeypatch.setenv("RLHF_REWARD_TOKEN", secret)
+    out = tmp_path / "ppo"
+    try:
+        r = run_cli("ppo", "--config", str(ROOT / "stage_configs" / "tldr_ppo.yaml"), "--policy", str(sft_ckpt),
+                    "--reward-url", f"http://127.0.0.1:{server.server_port}/score", "--output-dir", str(out),
+                    "--set", "data.synthetic.num_train=32", "--set", "data.synthetic.num_eval=4",
+                    "--set", "train.batch_size=4", "--set", "train.max_steps=2", "--set", "ppo.num_rollouts=4",
+                    "--set", "ppo.chunk_size=4", "--set", "ppo.ppo_epochs=2", "--set", "ppo.num_layers_unfrozen=1",
+                    "--set", "ppo.generation.max_new_tokens=4", "--set", "eval.num_samples=4",
+                    "--set", "eval.generation.max_new_tokens=4", "--set", "checkpoint.interval=1",
+                    "--set", "logging.tensorboard=true")
+    finally:
+        server.shutdown()
+    assert r.exit_code == 0, r.output
+    assert seen and all(h == f"Bearer {secret}" for h in seen)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    for p in files:
+        assert secret.encode() not in p.read_bytes(), p
+    assert secret not in r.output
+
+
+def test_ctrl_c_during_generation_exits_130_in_one_line(sft_ckpt, tmp_path):
+    proc = subprocess.Popen([*rlhf_cmd(), "eval", "--ckpt", str(sft_ckpt), "--num-samples", "4000",
+                             "--max-new-tokens", "64", "--batch-size", "4", "--output-dir", str(tmp_path / "e")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)  # past start-up, inside generation
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.strip().splitlines() if line.strip()][-1].startswith("interrupted")
+
+
+def test_tokenizer_and_model_vocab_mismatch_is_one_sentence(shared_data, sft_ckpt, tmp_path):
+    from conftest import ROOT, assert_one_sentence, run_cli
+
+    r = run_cli("dpo", "--config", str(ROOT / "stage_configs" / "tldr_dpo.yaml"), "--policy", str(sft_ckpt),
+                "--set", f"tokenizer.name_or_path={shared_data / 'gpt2_tokenizer'}", "--output-dir", str(tmp_path / "d"))
+    assert_one_sentence(r, "has 50257 tokens but the model's embedding has only .* rows; they do not belong together")
+
+
+def test_a_slow_reward_url_times_out_in_one_sentence():
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+
+    from rlhf_cli.errors import UserError
+    from rlhf_cli.rewards import HttpReward
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self):
+            time.sleep(2)
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(UserError, match=r"failed after 1 attempts: timed out"):
+            HttpReward(f"http://127.0.0.1:{server.server_port}/", timeout=0.3, retries=0).score(["p"], ["c"])
+    finally:
+        server.shutdown()
+
+
+def test_a_non_finite_loss_stops_with_the_step_named():
+    import torch
+
+    from rlhf_cli.errors import UserError
+    from rlhf_cli.trainers.common import optimizer_step
+
+    with pytest.raises(UserError, match=r"the loss became nan at step 7; the last good checkpoint is kept"):
+        optimizer_step(None, torch.nn.Linear(1, 1), None, None, 1.0, float("nan"), 7)
+
+
+STAGE_ARGS = {
+    "sft": ["sft", "--config", "tldr_sft.yaml"],
+    "train-rm": ["train-rm", "--config", "tldr_rm.yaml", "--init-from", "SFT"],
+    "dpo": ["dpo", "--config", "tldr_dpo.yaml", "--policy", "SFT"],
+    "ppo": ["ppo", "--config", "tldr_ppo.yaml", "--policy", "SFT", "--reward-fn", "rlhf_cli.data.synthetic:gold_reward_fn",
+            "--set", "ppo.num_rollouts=8", "--set", "ppo.chunk_size=8", "--set", "ppo.ppo_epochs=1",
+            "--set", "ppo.num_layers_unfrozen=1", "--set", "ppo.generation.max_new_tokens=6"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", list(STAGE_ARGS))
+def test_sigkill_at_random_points_then_resume(stage, sft_ckpt, tmp_path):
+    """Kill -9 at three seeded random moments (start-up, mid-step, mid-save alike), resuming after each."""
+    import random
+
+    from conftest import ROOT
+
+    rng = random.Random(f"kill-{stage}")
+    out, steps = tmp_path / stage, 60
+    cmd = [a.replace("SFT", str(sft_ckpt)) if a == "SFT" else a for a in STAGE_ARGS[stage]]
+    cmd[2] = str(ROOT / "stage_configs" / cmd[2])
+    args = [*rlhf_cmd(), *cmd, "--output-dir", str(out), "--set", "data.synthetic.num_train=64",
+            "--set", "data.synthetic.num_eval=4", "--set", "train.batch_size=8", "--set", f"train.max_steps={steps}",
+            "--set", "checkpoint.interval=4", "--set", "eval.at_start=false", "--set", "eval.num_samples=2",
+            "--set", "eval.generation.max_new_tokens=2", "--set", "model.tiny.n_layer=1", "--set", "model.tiny.n_embd=32",
+            "--set", "model.tiny.n_head=2", "--set", "tokenizer.vocab_size=300"]
+    for i in range(3):
+        proc = subprocess.Popen(args + (["--resume"] if i else []), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3.0, 9.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    final = subprocess.run(args + ["--resume"], capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr
+    m = json.loads((out / "rlhf_stage.json").read_text())
+    assert m["status"] == "complete" and m["step"] == steps
+    assert not Path(str(out) + ".partial").exists()
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    loader = "AutoModelForSequenceClassification" if stage == "train-rm" else "AutoModelForCausalLM"
+    code = f"import sys, transformers as t; t.{loader}.from_pretrained(sys.argv[1])"
+    assert subprocess.run([sys.executable, "-c", code, str(out)]).returncode == 0
+
+
+def test_trust_remote_code_is_off_unless_asked(tmp_path):
+    from conftest import run_cli
+
+    plain = run_cli("sft", "--config", SFT_CONFIG, *MICRO, "--dry-run", "--output-dir", str(tmp_path / "a"))
+    asked = run_cli("sft", "--config", SFT_CONFIG, *MICRO, "--dry-run", "--trust-remote-code",
+                    "--output-dir", str(tmp_path / "b"))
+    assert plain.exit_code == asked.exit_code == 0
+    assert "trust_remote_code: false" in plain.output and "trust_remote_code: true" in asked.output
