@@ -219,3 +219,21 @@ def test_trust_remote_code_is_off_unless_asked(tmp_path):
                     "--output-dir", str(tmp_path / "b"))
     assert plain.exit_code == asked.exit_code == 0
     assert "trust_remote_code: false" in plain.output and "trust_remote_code: true" in asked.output
+
+
+def test_a_nan_reward_stops_ppo_naming_the_step(sft_ckpt, tmp_path, monkeypatch):
+    from conftest import ROOT, run_cli
+
+    (tmp_path / "nan_reward.py").write_text(
+        "def score(samples, prompts, outputs, **kw):\n    return [float('nan')] * len(outputs)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = run_cli("ppo", "--config", str(ROOT / "stage_configs" / "tldr_ppo.yaml"), "--policy", str(sft_ckpt),
+                "--reward-fn", "nan_reward:score", "--no-delta", "--output-dir", str(tmp_path / "ppo"),
+                "--set", "data.synthetic.num_train=16", "--set", "data.synthetic.num_eval=2", "--set", "train.batch_size=4",
+                "--set", "train.max_steps=2", "--set", "ppo.num_rollouts=4", "--set", "ppo.chunk_size=4",
+                "--set", "ppo.num_layers_unfrozen=1", "--set", "ppo.generation.max_new_tokens=4",
+                "--set", "eval.at_start=false")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    last = " ".join(r.stderr.split())
+    assert "error: at step 0 (iteration 1): reward function nan_reward:score returned a non-finite score (nan)" in last
