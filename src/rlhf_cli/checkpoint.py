@@ -204,15 +204,18 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_trainer_state(path: Path, optimizer, scheduler, progress: dict) -> None:
+    """optimizer None: not saved (DeepSpeed ZeRO keeps it sharded); a resume then restarts its moments."""
     path.mkdir(parents=True, exist_ok=True)
-    save_optimizer(optimizer, path)
+    if optimizer is not None:
+        save_optimizer(optimizer, path)
     state = {"progress": progress, "scheduler": scheduler.state_dict(), "rng": rng_state()}
     (path / "state.json").write_text(json.dumps(state, default=str))
 
 
 def load_trainer_state(path: Path, optimizer, scheduler) -> dict:
     state = json.loads((path / "state.json").read_text())
-    load_optimizer(optimizer, path)
+    if optimizer is not None and (path / "optimizer.safetensors").is_file():
+        load_optimizer(optimizer, path)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state["progress"]
@@ -250,9 +253,14 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
     """
     out = Path(out)
     partial = partial_dir(out)
-    clean_stale_temps(out.parent)
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one of them")
+    if os.environ.get("RANK", "0") != "0":
+        # another process of a multi-process run: the main process checks and cleans; this one only
+        # needs to know where to resume from (nothing is created before every process has looked)
+        return (latest_checkpoint(out) or (out if is_complete(out) and (out / STATE_DIR).exists() else None)
+                if resume else None)
+    clean_stale_temps(out.parent)
     if overwrite:
         shutil.rmtree(partial, ignore_errors=True)
         if out.exists() and not out.is_dir():

@@ -158,6 +158,26 @@ def _config_changed(cfg, dest: Path) -> bool:
     return bool(changed)
 
 
+def _relaunch(d) -> bool:
+    """Run this same command under torchrun / accelerate launch when the config asks for several
+    processes and we are not one of them yet. Returns False when this process should train."""
+    import subprocess
+
+    if "WORLD_SIZE" in os.environ or (d.num_processes <= 1 and not d.accelerate_config):
+        return False
+    if d.accelerate_config:
+        if not Path(d.accelerate_config).is_file():
+            raise UserError(f"distributed.accelerate_config {d.accelerate_config} does not exist")
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", d.accelerate_config]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                    str(d.num_processes)]
+    err.print(f"launching {d.num_processes if not d.accelerate_config else 'the configured'} processes: "
+              f"{' '.join(launcher[2:])}")
+    code = subprocess.run([*launcher, "-m", "rlhf_cli.cli", *sys.argv[1:]]).returncode
+    raise typer.Exit(code)
+
+
 CLEAR = object()  # a stage flag value meaning "set this config key to null"
 
 
@@ -180,6 +200,8 @@ def _run_stage(stage: str, trainer_module: str, title: str, config, sets, preset
                 setattr(target, leaf, value)
         if dry_run:
             return _print_plan(cfg, trainer.plan(cfg, dest))
+        if _relaunch(cfg.distributed):
+            return
         retrain = resume and _config_changed(cfg, dest)
         _print_results(trainer.run(cfg, dest, resume=resume and not retrain, overwrite=overwrite or retrain,
                                    console=err), title)
@@ -367,6 +389,8 @@ def score(
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("RANK", "0") != "0":  # one voice: the main process prints, the others stay quiet
+        err.quiet = out.quiet = True
     _graceful_signals()
     try:
         app()

@@ -139,8 +139,12 @@ class LoggingConfig(Section):
 
 
 class DistributedConfig(Section):
-    accelerate_config: str | None = Field(None, description="accelerate config file used by `accelerate launch`.")
-    deepspeed_config: str | None = Field(None, description="DeepSpeed JSON config (ZeRO stage, offload).")
+    num_processes: int = Field(1, ge=1, description="Processes on this machine; above 1, `rlhf` relaunches itself "
+                               "under torchrun (DDP; gloo on CPU, NCCL on GPUs).")
+    accelerate_config: str | None = Field(None, description="An accelerate config file: `rlhf` relaunches itself with "
+                                          "`accelerate launch --config_file` (multi-GPU, multi-node).")
+    deepspeed_config: str | None = Field(None, description="DeepSpeed JSON config (ZeRO stage, offload); 'auto' "
+                                         "values are filled from the train section.")
 
 
 class StageConfig(Section):

@@ -221,3 +221,28 @@ def ilql_generate(policy, heads: ILQLHeads, tokenizer, prompt_ids: list[list[int
         progress.remove_task(task)
     policy.train(was)
     return out
+
+
+class PooledReward(nn.Module):
+    """A reward model's training forward: one scalar per sequence, read at its last real token.
+
+    A module of its own so that DDP / DeepSpeed wrap the whole computation (the score head included);
+    `save_pretrained` writes the plain sequence classifier inside.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, input_ids, attention_mask):
+        from .models import sequence_rewards
+
+        return sequence_rewards(self.model, input_ids, attention_mask)
+
+    def save_pretrained(self, dest, state_dict=None, safe_serialization=True, **kw):
+        sd = None if state_dict is None else {k.removeprefix("model."): v for k, v in state_dict.items()}
+        self.model.save_pretrained(dest, state_dict=sd, safe_serialization=True)

@@ -31,7 +31,7 @@ def cut_at_stop(tokenizer, ids: list[int], stop_sequences: list[str]) -> tuple[l
     return ids[:keep], True
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: ZeRO-3 keeps gathered weights, which must stay usable by autograd
 def generate(model, tokenizer, prompt_ids: list[list[int]], gen_cfg, batch_size: int, seed: int | None,
              progress=None, stop_sequences: list[str] = (), keep_eos: bool = False) -> list[list[int]]:
     """Completion token ids for each prompt (sampling with the KV cache, left padding).

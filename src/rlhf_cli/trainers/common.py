@@ -20,12 +20,84 @@ from ..tracking import MetricsLogger, read_metrics, truncate_metrics
 
 
 def setup_accelerator(cfg):
+    """Accelerate for one process, DDP (launched by torchrun / accelerate launch) or DeepSpeed ZeRO
+    (`distributed.deepspeed_config`, a DeepSpeed JSON; "auto" values are filled from the train section)."""
     from accelerate import Accelerator
 
     mp = cfg.train.mixed_precision
     if mp == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
+    ds_path = cfg.distributed.deepspeed_config
+    if ds_path:
+        from accelerate.utils import DeepSpeedPlugin
+
+        try:
+            ds = json.loads(Path(ds_path).expanduser().read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read distributed.deepspeed_config {ds_path}: {e}") from None
+        if cfg.train.gradient_accumulation_steps != 1:
+            raise UserError("with DeepSpeed keep train.gradient_accumulation_steps at 1 (raise train.batch_size "
+                            "or the number of processes instead)")
+        fill = {"train_micro_batch_size_per_gpu": cfg.train.batch_size, "gradient_accumulation_steps": 1,
+                "gradient_clipping": cfg.train.max_grad_norm or 0.0}
+        ds.update({k: v for k, v in fill.items() if ds.get(k, "auto") == "auto"})
+        if ds.get("bf16", {}).get("enabled", "auto") == "auto":
+            ds["bf16"] = {"enabled": mp == "bf16"}
+        ds.setdefault("zero_allow_untested_optimizer", True)
+        return Accelerator(mixed_precision=mp, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds))
     return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def world(acc) -> tuple[int, int]:
+    """(rank, number of processes). Under DeepSpeed on CPU, Accelerate reports 1 process: ask torch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return acc.process_index, acc.num_processes
+
+
+def is_main(acc) -> bool:
+    return world(acc)[0] == 0
+
+
+def barrier() -> None:
+    """Wait for every process (Accelerate's own wait is a no-op when it miscounts the processes)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce(value: float, op: str = "mean") -> float:
+    """A float reduced over every process (itself when there is one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / (dist.get_world_size() if op == "mean" else 1)
+
+
+def all_gather(values: list[float]) -> list[float]:
+    """Every process's list, concatenated in rank order."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(values))
+    return [v for part in out for v in part]
+
+
+def uses_deepspeed(acc) -> bool:
+    return getattr(acc.state, "deepspeed_plugin", None) is not None
+
+
+def zero_stage(acc) -> int:
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else 0
 
 
 def make_optimizer(model, train_cfg) -> torch.optim.Optimizer:
@@ -153,7 +225,7 @@ class Run:
         self.partial = ck.partial_dir(self.out)
         self.resume_from = resume_from
         self.started = ck.now()
-        main = accelerator.is_main_process
+        main = is_main(accelerator)
         if main:
             self.partial.mkdir(parents=True, exist_ok=True)
             log = self.partial / ck.METRICS
@@ -173,11 +245,13 @@ class Run:
         return read_metrics(self.partial / ck.METRICS)
 
     def _write(self, dest: Path, model, tokenizer, optimizer, scheduler, progress: dict, status: str,
-               manifest: dict, extra_files: dict[str, str] | None = None) -> None:
+               manifest: dict, extra_files: dict[str, str] | None = None, state_dict=None) -> None:
         unwrapped = self.acc.unwrap_model(model)
-        unwrapped.save_pretrained(dest, state_dict=self.acc.get_state_dict(model), safe_serialization=True)
+        unwrapped.save_pretrained(dest, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(dest)
-        ck.save_trainer_state(dest / ck.STATE_DIR, optimizer, scheduler, progress)
+        # ZeRO shards the optimizer state across processes; it is not gathered (a resume restarts the moments)
+        ck.save_trainer_state(dest / ck.STATE_DIR, None if uses_deepspeed(self.acc) else optimizer, scheduler,
+                              progress)
         if (self.partial / ck.METRICS).exists():
             shutil.copyfile(self.partial / ck.METRICS, dest / ck.METRICS)
         for name, text in (extra_files or {}).items():
@@ -188,13 +262,15 @@ class Run:
                           started=self.started, ended=ck.now(), step=progress["step"], **manifest)
 
     def save_intermediate(self, model, tokenizer, optimizer, scheduler, progress: dict, manifest: dict) -> None:
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
+        barrier()
+        state_dict = self.acc.get_state_dict(model)  # every process takes part: ZeRO-3 gathers the shards
+        if is_main(self.acc):
             dest = self.partial / "checkpoints" / f"{ck.CKPT_PREFIX}{progress['step']:08d}"
             with ck.atomic_dir(dest) as tmp:
-                self._write(tmp, model, tokenizer, optimizer, scheduler, progress, "partial", manifest)
+                self._write(tmp, model, tokenizer, optimizer, scheduler, progress, "partial", manifest,
+                            state_dict=state_dict)
             ck.prune_checkpoints(self.out, self.cfg.checkpoint.keep_last)
-        self.acc.wait_for_everyone()
+        barrier()
 
     def checkpoint(self, model, tokenizer, optimizer, scheduler, progress: dict, manifest: dict, due: bool) -> None:
         """Save an intermediate checkpoint when one is due or a stop was requested; then honour the stop."""
@@ -206,8 +282,9 @@ class Run:
 
     def save_final(self, model, tokenizer, optimizer, scheduler, progress: dict, manifest: dict,
                    extra_files: dict[str, str] | None = None, extra_dirs: dict[str, Path] | None = None) -> None:
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
+        barrier()
+        state_dict = self.acc.get_state_dict(model)
+        if is_main(self.acc):
             self.logger.close()
             with ck.atomic_dir(self.out) as tmp:
                 # extra directories: PPO's best/, TensorBoard's tb/
@@ -215,10 +292,10 @@ class Run:
                     if src.exists():
                         shutil.copytree(src, tmp / name)
                 self._write(tmp, model, tokenizer, optimizer, scheduler, progress, "complete", manifest,
-                            extra_files)
+                            extra_files, state_dict=state_dict)
             shutil.rmtree(self.partial, ignore_errors=True)
         STOP.armed = False
-        self.acc.wait_for_everyone()
+        barrier()
 
 
 def plan_without_download(cfg, info: dict, model_name: str) -> dict | None:
@@ -228,7 +305,10 @@ def plan_without_download(cfg, info: dict, model_name: str) -> dict | None:
     if is_hub_name(cfg.data.source):
         info["data"] = f"would fetch dataset '{cfg.data.source}' from the hub (not downloaded in --dry-run)"
     if model_name != "tiny" and not Path(model_name).expanduser().exists():
+        from ..memory import estimate
+
         info["model"] = f"would fetch model '{model_name}' from the hub (not downloaded in --dry-run)"
+        info["memory"] = estimate(cfg, model_name) or "unknown size: no estimate without downloading its config"
     if "data" in info or "model" in info:
         info["optimizer_steps"] = cfg.train.max_steps or "depends on the dataset size"
         return info

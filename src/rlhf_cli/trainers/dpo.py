@@ -141,7 +141,7 @@ def evaluate(model, ref, ref_eval, tok, data: PairData, feats_eval, cfg, device,
         was = model.training
         model.eval()
         pws, pls, rws, rls, nws, nls = [], [], [], [], [], []
-        with torch.inference_mode():
+        with torch.no_grad():
             for i in range(0, n, cfg.eval.batch_size):
                 chunk = feats_eval[i: min(n, i + cfg.eval.batch_size)]
                 pw, pl, nw, nl = batch_logps(model, tok, chunk, device)
@@ -204,6 +204,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
         expect_kind(Path(src).expanduser(), "policy", "--policy")
     resume_from = ck.prepare_output(out, resume, overwrite)
     acc = common.setup_accelerator(cfg)
+    rank, world_size = common.world(acc)
     torch.manual_seed(cfg.seed)
 
     # 1. data, policy, reference (always the initial policy, also when resuming)
@@ -215,7 +216,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     if cfg.disable_dropout:
         disable_dropout(model)
     feats, feats_eval = featurize(tok, data.train, cfg.data), featurize(tok, data.eval, cfg.data)
-    steps, _ = common.total_steps(cfg.train, len(feats), acc.num_processes)
+    steps, _ = common.total_steps(cfg.train, len(feats), world_size)
     if (done := common.already_complete(out, resume_from, steps, console)) is not None:
         return done
     initial = model if resume_from is None else _load_policy(cfg, src)[1]
@@ -235,10 +236,10 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     for note in data.notes:
         console.print(f"  {note}")
     first_eval: dict = {}
-    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, acc.process_index, acc.num_processes,
+    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, rank, world_size,
                              [len(f["chosen"]["input_ids"]) + len(f["rejected"]["input_ids"]) for f in feats]
                              if cfg.train.group_by_length else None)
-    with common.progress_bar(console, acc.is_main_process) as progress:
+    with common.progress_bar(console, common.is_main(acc)) as progress:
         if cfg.precompute_ref_logps:
             initial.to(acc.device)
             ref_train, ref_eval = cached_reference(cfg, data, tok, initial.eval(), feats, feats_eval, acc.device,
@@ -252,7 +253,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
             state = common.load_resumed(resume_from, optimizer, scheduler)
             console.print(f"resuming from {resume_from} at step {state['step']}")
         if cfg.eval.at_start and state["step"] == 0:
-            first_eval, _ = evaluate(model, ref, ref_eval, tok, data, feats_eval, cfg, acc.device, progress)
+            first_eval, _ = evaluate(acc.unwrap_model(model), ref, ref_eval, tok, data, feats_eval, cfg, acc.device, progress)
             run_.log(0, first_eval)
         bar = progress.add_task("dpo", total=steps, completed=state["step"], info="")
         t_last, pairs_last = time.perf_counter(), state["examples"]
@@ -282,6 +283,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 acc.backward(loss)
                 loss_total += loss.item()
                 logged.append((out_, pw, pl))
+            loss_total = common.all_reduce(loss_total)  # each process's mean over its equal share of pairs
             grad_norm = common.optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm,
                                               loss_total, state["step"] + 1)
             state["step"] += 1
@@ -291,16 +293,17 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
             if step % cfg.train.log_interval == 0 or step == steps:
                 cat = [torch.cat(v) for v in zip(*[(o.losses.detach(), o.chosen_rewards, o.rejected_rewards, w, lo)
                                                   for o, w, lo in logged])]
-                m = pair_metrics("train", DPOLoss(*cat[:3]), cat[3], cat[4])
+                # every process holds an equal share of pairs: the mean of their means is the global mean
+                m = {k: common.all_reduce(v) for k, v in pair_metrics("train", DPOLoss(*cat[:3]), cat[3], cat[4]).items()}
                 dt = time.perf_counter() - t_last
                 run_.log(step, {**m, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
                                 "train/pairs_per_s": (state["examples"] - pairs_last) / max(dt, 1e-9)})
                 t_last, pairs_last = time.perf_counter(), state["examples"]
             if cfg.eval.interval and step % cfg.eval.interval == 0 and step != steps:
-                run_.log(step, evaluate(model, ref, ref_eval, tok, data, feats_eval, cfg, acc.device, progress)[0])
+                run_.log(step, evaluate(acc.unwrap_model(model), ref, ref_eval, tok, data, feats_eval, cfg, acc.device, progress)[0])
             run_.checkpoint(model, tok, optimizer, scheduler, state, manifest,
                             due=bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0 and step != steps)
-        last_eval, samples = evaluate(model, ref, ref_eval, tok, data, feats_eval, cfg, acc.device, progress)
+        last_eval, samples = evaluate(acc.unwrap_model(model), ref, ref_eval, tok, data, feats_eval, cfg, acc.device, progress)
         run_.log(steps, last_eval)
     if not first_eval:
         first_eval = next((r for r in run_.metrics() if r["step"] == 0 and "eval/loss" in r), {})

@@ -171,6 +171,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
         expect_kind(Path(src).expanduser(), "policy", "--policy")
     resume_from = ck.prepare_output(out, resume, overwrite)
     acc = common.setup_accelerator(cfg)
+    rank, world_size = common.world(acc)
     torch.manual_seed(cfg.seed)
     I = cfg.ilql
 
@@ -186,14 +187,14 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                                                                                    I.two_qs)
     model = PolicyWithILQLHeads(policy, heads.to(next(policy.parameters()).dtype))
     feats, returns = featurize(tok, data.train, cfg.data)
-    steps, _ = common.total_steps(cfg.train, len(feats), acc.num_processes)
+    steps, _ = common.total_steps(cfg.train, len(feats), world_size)
     if (done := common.already_complete(out, resume_from, steps, console)) is not None:
         return done
     optimizer = common.make_optimizer(model, cfg.train)
     scheduler = common.make_scheduler(optimizer, cfg.train, steps)
     model, optimizer = acc.prepare(model, optimizer)
     core = acc.unwrap_model(model)
-    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, acc.process_index, acc.num_processes,
+    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, rank, world_size,
                              [len(f["input_ids"]) for f in feats] if cfg.train.group_by_length else None)
     state = {"step": 0, "micro_step": 0, "examples": 0}
     run_ = common.Run(cfg, out, acc, resume_from)
@@ -207,7 +208,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     console.print(f"ilql: {len(feats)} samples ({data.fmt}, rewards: {I.rewards}), {steps} optimizer steps, "
                   f"{count_params(core.policy) / 1e6:.2f}M policy + {count_params(core.heads) / 1e6:.2f}M heads -> {out}")
     first_eval: dict = {}
-    with common.progress_bar(console, acc.is_main_process) as progress:
+    with common.progress_bar(console, common.is_main(acc)) as progress:
         if cfg.eval.at_start and state["step"] == 0:
             first_eval, _ = evaluate(core, tok, data, cfg, progress)
             run_.log(0, first_eval)
@@ -238,7 +239,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
             progress.update(bar, advance=1, info=f"loss {loss_total:.3f}")
             if step % cfg.train.log_interval == 0 or step == steps:
                 dt = time.perf_counter() - t_last
-                log = {f"train/{k}": sum(getattr(p, k).item() for p in parts) / len(parts)
+                log = {f"train/{k}": common.all_reduce(sum(getattr(p, k).item() for p in parts) / len(parts))
                        for k in ("loss", "loss_q", "loss_v", "loss_cql", "loss_awac", "mean_q", "mean_v")}
                 run_.log(step, {**log, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
                                 "train/samples_per_s": (state["examples"] - n_last) / max(dt, 1e-9)})

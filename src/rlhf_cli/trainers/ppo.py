@@ -253,17 +253,20 @@ def iteration_steps(cfg, world_size: int = 1) -> int:
 
 
 def total_iterations(cfg, num_prompts: int, world_size: int = 1) -> int:
-    """train.max_steps (optimizer steps, rounded up to whole iterations), else epochs over the prompts."""
+    """train.max_steps (optimizer steps, rounded up to whole iterations), else epochs over the prompts.
+    `num_rollouts` counts the rollouts of one iteration over all processes; each collects its share."""
     if cfg.train.max_steps:
         return max(1, math.ceil(cfg.train.max_steps / iteration_steps(cfg, world_size)))
-    return max(1, math.ceil(cfg.train.epochs * num_prompts / (cfg.ppo.num_rollouts * world_size)))
+    return max(1, math.ceil(cfg.train.epochs * num_prompts / cfg.ppo.num_rollouts))
 
 
-def _check_batching(cfg) -> None:
-    per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+def _check_batching(cfg, world_size: int = 1) -> None:
+    per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world_size
     if cfg.ppo.num_rollouts < per_step:
         raise UserError(f"ppo.num_rollouts ({cfg.ppo.num_rollouts}) must be at least train.batch_size x "
-                        f"gradient_accumulation_steps ({per_step}), the rollouts of one optimizer step")
+                        f"gradient_accumulation_steps x processes ({per_step}), the rollouts of one optimizer step")
+    if cfg.ppo.num_rollouts % world_size:
+        raise UserError(f"ppo.num_rollouts ({cfg.ppo.num_rollouts}) must divide evenly over {world_size} processes")
 
 
 def _check_lengths(cfg, policy) -> None:
@@ -283,13 +286,13 @@ def plan(cfg, out: Path, world_size: int = 1) -> dict:
                                                             else "fixed"),
                   "reference": "full frozen copy" if cfg.ppo.num_layers_unfrozen < 0 else
                                f"frozen trunk shared, top {cfg.ppo.num_layers_unfrozen} blocks copied"}
-    _check_batching(cfg)
+    _check_batching(cfg, world_size)
     if common.plan_without_download(cfg, info, src):
         return info
     data = load_prompts(cfg)
     iters = total_iterations(cfg, len(data.train), world_size)
     info.update({"data": f"{cfg.data.source} ({data.fmt}): {len(data.train)} prompts, {len(data.eval)} held-out",
-                 "iterations": iters, "rollouts": iters * cfg.ppo.num_rollouts * world_size,
+                 "iterations": iters, "rollouts": iters * cfg.ppo.num_rollouts,
                  "optimizer_steps": iters * iteration_steps(cfg, world_size)})
     if src != "tiny":
         _, model = _load_policy(cfg, src)
@@ -308,15 +311,16 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                         "(or set init_sft_steps to warm up a tiny one)")
     if Path(src).expanduser().exists():
         expect_kind(Path(src).expanduser(), "policy", "--policy")
-    _check_batching(cfg)
     acc = common.setup_accelerator(cfg)
+    rank, world_size = common.world(acc)
+    _check_batching(cfg, world_size)
     torch.manual_seed(cfg.seed)
     P = cfg.ppo
 
     # 1. prompts, reward, policy (+ value head) and the reference (always the initial policy)
     data = load_prompts(cfg)
-    steps_per_iter = iteration_steps(cfg, acc.num_processes)
-    iterations = total_iterations(cfg, len(data.train), acc.num_processes)
+    steps_per_iter = iteration_steps(cfg, world_size)
+    iterations = total_iterations(cfg, len(data.train), world_size)
     steps = iterations * steps_per_iter
     if (done := common.already_complete(out, resume_from, steps, console)) is not None:
         return done
@@ -350,7 +354,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
         state = common.load_resumed(resume_from, optimizer, scheduler)
         console.print(f"resuming from {resume_from} at step {state['step']} (iteration {state['iteration']})")
     moments = L.RunningMoments(**state["moments"])
-    prompt_batches = common.Batcher(len(data.train), P.chunk_size, cfg.seed, acc.process_index, acc.num_processes)
+    prompt_batches = common.Batcher(len(data.train), P.chunk_size, cfg.seed, rank, world_size)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     manifest = {"parent": ck.parent_info(src),
                 "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,
@@ -369,7 +373,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
         if reward is None or (state["best_reward"] is not None and reward <= state["best_reward"]):
             return
         state["best_reward"], state["best_step"] = reward, step
-        if acc.is_main_process:
+        if common.is_main(acc):
             with ck.atomic_dir(run_.partial / "best") as tmp:
                 core.save_pretrained(tmp, state_dict=acc.get_state_dict(model))
                 tok.save_pretrained(tmp)
@@ -378,7 +382,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
 
     first_eval: dict = {}
     history: list[dict] = []  # the first 8 eval samples of every eval: how the completions change
-    with common.progress_bar(console, acc.is_main_process) as progress:
+    with common.progress_bar(console, common.is_main(acc)) as progress:
         if cfg.eval.at_start and state["step"] == 0:
             first_eval, first_samples = evaluate(core, reference, tok, data, scorer, cfg, acc.device, progress)
             run_.log(0, first_eval)
@@ -389,9 +393,10 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
             timings = {"generate": 0.0, "score": 0.0, "forward": 0.0}
             # 1-3. rollouts, scores, old log-probs / values / reference log-probs
             ro = collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, cfg, acc.device,
-                                  timings, progress)
+                                  timings, progress, P.num_rollouts // world_size)
             scores = ro.scores.clone()
-            batch_mean, batch_std = moments.update(scores)
+            # the moments (and the first iteration's std) are of every process's scores, so all scale alike
+            batch_mean, batch_std = moments.update(torch.tensor(common.all_gather(scores.tolist())))
             if P.scale_reward == "running":
                 scores = scores / max(moments.std, 1e-8)
             elif P.scale_reward == "ref":
@@ -412,25 +417,24 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
             timings["train"] = time.perf_counter() - t_train
 
             # 5. KL controller, logs, eval, checkpoint
-            mean_kl = k3.mean().item()
+            mean_kl = common.all_reduce(k3.mean().item())  # one coefficient on every process
             if P.target:
-                state["kl_coef"] = L.adaptive_kl_coef(state["kl_coef"], mean_kl, P.target, P.horizon,
-                                                      P.num_rollouts * acc.num_processes)
+                state["kl_coef"] = L.adaptive_kl_coef(state["kl_coef"], mean_kl, P.target, P.horizon, P.num_rollouts)
             state["iteration"] += 1
             state["rollouts"] += len(ro.texts)
             state["moments"] = moments.state_dict()
             step = state["step"]
             log = {"rollout/reward": batch_mean, "rollout/reward_std": batch_std,
-                   "rollout/score_raw": sum(ro.raw_scores) / len(ro.raw_scores),
-                   "rollout/kl": mean_kl, "rollout/kl_k1": k1.mean().item(),
-                   "rollout/response_length": ro.mask.sum(1).mean().item(),
+                   "rollout/score_raw": common.all_reduce(sum(ro.raw_scores) / len(ro.raw_scores)),
+                   "rollout/kl": mean_kl, "rollout/kl_k1": common.all_reduce(k1.mean().item()),
+                   "rollout/response_length": common.all_reduce(ro.mask.sum(1).mean().item()),
                    "train/kl_coef": state["kl_coef"], "train/lr": scheduler.get_last_lr()[0],
                    "train/returns": L.masked_mean(returns, ro.mask).item(),
                    **stats, **{f"time/{k}": v for k, v in timings.items()},
                    "time/iteration": time.perf_counter() - t0}
             gold = _gold(ro.prompts, ro.texts)
             if gold is not None:
-                log["rollout/gold"] = gold
+                log["rollout/gold"] = common.all_reduce(gold)
             run_.log(step, log)
             progress.update(bar, info=f"reward {batch_mean:.3f} kl {mean_kl:.2f}")
             last = state["iteration"] == iterations
@@ -476,14 +480,15 @@ def _show_samples(console, samples: list[dict], step: int, n: int = 2) -> None:
 
 @torch.no_grad()
 def collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, cfg, device, timings,
-                     progress) -> Rollouts:
+                     progress, num_rollouts: int) -> Rollouts:
+    """This process's `num_rollouts` rollouts; every process scores its own (no rank-0 bottleneck)."""
     P = cfg.ppo
     queries, responses, texts, prompts, raw, used = [], [], [], [], [], []
     lps, refs_lp, vals = [], [], []
     core.eval()
-    task = progress.add_task("rollouts", total=P.num_rollouts, info="")
-    while len(queries) < P.num_rollouts:
-        idx = prompt_batches.indices(state["prompt_position"])[: P.num_rollouts - len(queries)]
+    task = progress.add_task("rollouts", total=num_rollouts, info="")
+    while len(queries) < num_rollouts:
+        idx = prompt_batches.indices(state["prompt_position"])[: num_rollouts - len(queries)]
         state["prompt_position"] += 1
         chunk = [data.train[i] for i in idx]
         q = [encode_prompt(tok, p, cfg.data.max_prompt_length)[0] for p, _ in chunk]

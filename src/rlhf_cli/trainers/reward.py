@@ -21,6 +21,7 @@ from ..eval.metrics import mean_and_stderr
 from ..losses.reward import pairwise_loss
 from ..models import (build_tiny_reward, checkpoint_kind, count_params, freeze_bottom, frozen_block_count,
                       load_reward_model, load_tokenizer, max_positions, sequence_rewards, train_tokenizer)
+from ..heads import PooledReward
 from . import common
 
 
@@ -37,7 +38,7 @@ def score_pairs(model, tok, feats: list[dict], batch_size: int, device) -> tuple
     was_training = model.training
     model.eval()
     rc, rr = [], []
-    with torch.inference_mode():
+    with torch.no_grad():
         for i in range(0, len(feats), batch_size):
             chunk = feats[i: i + batch_size]
             b = collate_pairs([f["chosen"] for f in chunk], [f["rejected"] for f in chunk], tok.pad_token_id)
@@ -120,6 +121,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
         raise UserError(f"--init-from {init} is neither a policy nor a reward-model checkpoint")
     resume_from = ck.prepare_output(out, resume, overwrite)
     acc = common.setup_accelerator(cfg)
+    rank, world_size = common.world(acc)
     torch.manual_seed(cfg.seed)
 
     # 1. data and model
@@ -133,14 +135,15 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     feats, feats_eval = featurize(tok, data.train, cfg.data), featurize(tok, data.eval, cfg.data)
-    steps, _ = common.total_steps(cfg.train, len(feats), acc.num_processes)
+    steps, _ = common.total_steps(cfg.train, len(feats), world_size)
     if (done := common.already_complete(out, resume_from, steps, console)) is not None:
         return done
 
+    model = PooledReward(model)  # DDP / DeepSpeed wrap the pooled forward, score head included
     optimizer = common.make_optimizer(model, cfg.train)
     scheduler = common.make_scheduler(optimizer, cfg.train, steps)
     model, optimizer = acc.prepare(model, optimizer)
-    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, acc.process_index, acc.num_processes,
+    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, rank, world_size,
                              [max(len(f["chosen"]), len(f["rejected"])) for f in feats]
                              if cfg.train.group_by_length else None)
     state = {"step": 0, "micro_step": 0, "examples": 0, "tokens": 0}
@@ -163,9 +166,9 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                               if data.dropped_equal else []):
         console.print(f"  {note}")
 
-    unwrapped = acc.unwrap_model(model)
+    unwrapped = acc.unwrap_model(model).model  # the plain sequence classifier, for eval
     first_eval: dict = {}
-    with common.progress_bar(console, acc.is_main_process) as progress:
+    with common.progress_bar(console, common.is_main(acc)) as progress:
         if cfg.eval.at_start and state["step"] == 0:
             first_eval = evaluate(unwrapped, tok, feats_eval, data.eval, cfg, acc.device)
             run_.log(0, first_eval)
@@ -184,7 +187,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 b = collate_pairs([f["chosen"] for f in chunk], [f["rejected"] for f in chunk], tok.pad_token_id)
                 # 2. one forward pass scores chosen (first half) and rejected (second half)
                 with acc.autocast():
-                    r = sequence_rewards(unwrapped, b["input_ids"].to(acc.device), b["attention_mask"].to(acc.device))
+                    r = model(b["input_ids"].to(acc.device), b["attention_mask"].to(acc.device))
                 margin = torch.tensor([f["margin"] for f in chunk], device=acc.device) if cfg.loss.use_margin else None
                 out_ = pairwise_loss(r[: len(chunk)], r[len(chunk):], margin, cfg.loss.center_coef)
                 # 3. backward: mean over the pairs of the whole optimizer step
@@ -195,6 +198,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 margin_sum += out_.margin.sum().item()
                 state["tokens"] += int(b["attention_mask"].sum())
             # 4. clip and step
+            loss_total = common.all_reduce(loss_total)
             grad_norm = common.optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm,
                                               loss_total, state["step"] + 1)
             state["step"] += 1
@@ -203,8 +207,8 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
             progress.update(bar, advance=1, info=f"loss {loss_total:.3f}")
             if step % cfg.train.log_interval == 0 or step == steps:
                 dt = time.perf_counter() - t_last
-                run_.log(step, {"train/loss": loss_total, "train/accuracy": correct / n_pairs,
-                                "train/margin": margin_sum / n_pairs, "train/lr": scheduler.get_last_lr()[0],
+                run_.log(step, {"train/loss": loss_total, "train/accuracy": common.all_reduce(correct / n_pairs),
+                                "train/margin": common.all_reduce(margin_sum / n_pairs), "train/lr": scheduler.get_last_lr()[0],
                                 "train/grad_norm": grad_norm,
                                 "train/pairs_per_s": (state["examples"] - pairs_last) / max(dt, 1e-9)})
                 t_last, pairs_last = time.perf_counter(), state["examples"]

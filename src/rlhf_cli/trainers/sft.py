@@ -60,7 +60,7 @@ def evaluate(model, tokenizer, data: SFTData, feats_eval: list[dict], cfg, progr
     if feats_eval:
         model.eval()
         total, count = 0.0, 0
-        with torch.inference_mode():
+        with torch.no_grad():
             for i in range(0, min(len(feats_eval), ev.num_samples), ev.batch_size):
                 b = collate_sft(feats_eval[i: i + ev.batch_size], tokenizer.pad_token_id)
                 logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
@@ -105,6 +105,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     console = console or Console(stderr=True)
     resume_from = ck.prepare_output(out, resume, overwrite)
     acc = common.setup_accelerator(cfg)
+    rank, world_size = common.world(acc)
     torch.manual_seed(cfg.seed)
 
     # 1. data and model (a resumed run reloads both from its checkpoint)
@@ -123,14 +124,14 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
-    steps, _ = common.total_steps(cfg.train, len(feats), acc.num_processes)
+    steps, _ = common.total_steps(cfg.train, len(feats), world_size)
     if (done := common.already_complete(out, resume_from, steps, console)) is not None:
         return done
 
     optimizer = common.make_optimizer(model, cfg.train)
     scheduler = common.make_scheduler(optimizer, cfg.train, steps)
     model, optimizer = acc.prepare(model, optimizer)
-    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, acc.process_index, acc.num_processes,
+    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, rank, world_size,
                              [len(f["input_ids"]) for f in feats] if cfg.train.group_by_length else None)
     progress_state = {"step": 0, "micro_step": 0, "examples": 0, "tokens": 0}
     run_ = common.Run(cfg, out, acc, resume_from)
@@ -155,9 +156,9 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     first_eval: dict = {}
     last_eval: dict = {}
     samples: list[dict] = []
-    with common.progress_bar(console, acc.is_main_process) as progress:
+    with common.progress_bar(console, common.is_main(acc)) as progress:
         if cfg.eval.at_start and progress_state["step"] == 0:
-            first_eval, _ = evaluate(model, tok, data, feats_eval, cfg, progress)
+            first_eval, _ = evaluate(acc.unwrap_model(model), tok, data, feats_eval, cfg, progress)
             run_.log(0, first_eval)
         bar = progress.add_task("sft", total=steps, completed=progress_state["step"], info="")
         model.train()
@@ -171,17 +172,20 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 progress_state["micro_step"] += 1
                 batches.append(collate_sft([feats[i] for i in idx], tok.pad_token_id))
             # 2. the loss is normalised by the label tokens of the whole accumulated batch
-            n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            # over every process: gradients are averaged across processes, hence the world_size factor,
+            # so N processes compute exactly the step of one process with N times the batch
+            n_tokens = common.all_reduce(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), "sum")
             loss_total = 0.0
             for j, b in enumerate(batches):
                 b = {k: v.to(acc.device) for k, v in b.items()}
                 with acc.autocast():
                     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
                 out_ = sft_loss(logits, b["labels"])
-                loss = out_.loss_sum / max(1, n_tokens)
+                loss = out_.loss_sum * world_size / max(1, n_tokens)
                 # 3. backward
                 acc.backward(loss)
-                loss_total += loss.item()
+                loss_total += out_.loss_sum.item() / max(1, n_tokens)
+            loss_total = common.all_reduce(loss_total, "sum")
             # 4. clip and step
             grad_norm = common.optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm,
                                               loss_total, progress_state["step"] + 1)
@@ -199,12 +203,12 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                                 "train/epoch": progress_state["micro_step"] / batcher.batches_per_epoch})
                 t_last, tokens_last = time.perf_counter(), progress_state["tokens"]
             if cfg.eval.interval and step % cfg.eval.interval == 0 and step != steps:
-                metrics, _ = evaluate(model, tok, data, feats_eval, cfg, progress)
+                metrics, _ = evaluate(acc.unwrap_model(model), tok, data, feats_eval, cfg, progress)
                 run_.log(step, metrics)
             run_.checkpoint(model, tok, optimizer, scheduler, progress_state, manifest,
                             due=bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0 and step != steps)
 
-        last_eval, samples = evaluate(model, tok, data, feats_eval, cfg, progress)
+        last_eval, samples = evaluate(acc.unwrap_model(model), tok, data, feats_eval, cfg, progress)
         run_.log(steps, last_eval)
     if not first_eval:
         first_eval = next((r for r in run_.metrics() if r["step"] == 0 and "eval/loss" in r), {})

@@ -1,0 +1,79 @@
+"""Rough training-memory estimate per device, for `--dry-run` (no download: sizes of known models,
+else the size written in the model's name, e.g. "pythia-1.4b").
+
+Per parameter, mixed-precision AdamW keeps: fp32 weights 4 B, fp32 gradients 4 B, Adam moments 8 B,
+so 16 B if it trains and 4 B if frozen (2 B in bf16 for frozen copies). ZeRO-1/2/3 shard the moments /
++ gradients / + weights over the processes. Activations, the KV cache and fragmentation come on top:
+the number is a floor, not a promise.
+"""
+
+from __future__ import annotations
+
+import re
+
+# hub name -> (parameters, transformer blocks)
+KNOWN = {
+    "carperai/openai_summarize_tldr_sft": (6.05e9, 28),
+    "eleutherai/gpt-j-6b": (6.05e9, 28),
+    "eleutherai/gpt-neox-20b": (20.6e9, 44),
+    "eleutherai/pythia-125m-deduped": (0.125e9, 12),
+    "eleutherai/pythia-1.4b-deduped": (1.41e9, 24),
+    "eleutherai/pythia-6.9b-deduped": (6.86e9, 32),
+    "dahoas/pythia-125m-static-sft": (0.125e9, 12),
+    "dahoas/pythia-1b-static-sft": (1.01e9, 16),
+    "dahoas/pythia-6b-static-sft": (6.86e9, 32),
+    "lvwerra/gpt2-imdb": (0.124e9, 12),
+}
+GiB = 1024 ** 3
+
+
+def model_size(name: str) -> tuple[float, int | None] | None:
+    """(parameters, blocks) of a hub model without downloading it, or None when unknown."""
+    if name.lower() in KNOWN:
+        return KNOWN[name.lower()]
+    m = re.search(r"(\d+(?:\.\d+)?)([mb])(?![a-z])", name.lower())
+    if m is None:
+        return None
+    return float(m.group(1)) * (1e6 if m.group(2) == "m" else 1e9), None
+
+
+def estimate(cfg, name: str) -> str | None:
+    """GiB per device for `cfg`'s stage: as configured, and with ZeRO-2 / ZeRO-3 over 8 devices."""
+    size = model_size(name)
+    if size is None:
+        return None
+    zero = 0
+    if cfg.distributed.deepspeed_config:
+        m = re.search(r"zero(\d)", cfg.distributed.deepspeed_config)
+        zero = int(m.group(1)) if m else 2
+    lines = [_estimate(cfg, size, cfg.distributed.num_processes, zero)]
+    lines += [_estimate(cfg, size, 8, z, short=True) for z in (2, 3) if (cfg.distributed.num_processes, zero) != (8, z)]
+    return "; ".join(lines)
+
+
+def _estimate(cfg, size, n: int, zero: int, short: bool = False) -> str:
+    params, blocks = size
+    stage = cfg.stage
+    trainable = params
+    if stage == "rm":
+        trainable = params * (1 - cfg.freeze_fraction)
+    elif stage == "ppo" and cfg.ppo.num_layers_unfrozen >= 0 and blocks:
+        trainable = params * min(1.0, cfg.ppo.num_layers_unfrozen / blocks)
+    frozen = params - trainable
+    weights, grads, adam = 4 * params, 4 * trainable, 8 * trainable
+    shard = max(1, n)
+    per = (weights / (shard if zero >= 3 else 1) + grads / (shard if zero >= 2 else 1)
+           + adam / (shard if zero >= 1 else 1))
+    extra = 0.0
+    if stage == "dpo" and not cfg.precompute_ref_logps:
+        extra = 2 * params  # frozen bf16 reference
+    elif stage == "ppo":
+        extra = 4 * trainable + 2 * params  # reference copy of what trains + a reward model of the same size
+    elif stage == "ilql":
+        extra = 0.1 * params  # Q / target / V heads (vocabulary-wide), roughly
+    total = (per + extra) / GiB
+    how = f"ZeRO-{zero} over {n}" if zero else (f"DDP over {n}" if n > 1 else "1 process")
+    if short:
+        return f"{how}: ~{total:.1f} GiB"
+    return (f"~{total:.1f} GiB per device with {how} ({params / 1e9:.2f}B parameters, {trainable / 1e9:.2f}B "
+            f"trained, {frozen / 1e9:.2f}B frozen; weights + gradients + Adam, activations excluded)")
