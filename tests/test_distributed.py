@@ -51,6 +51,12 @@ def test_dpo_with_two_processes_matches_one(sft_ckpt, tmp_path):
     assert b == pytest.approx(a, rel=1e-4)
 
 
+def test_reward_model_with_two_processes_matches_one(sft_ckpt, tmp_path):
+    a, b = _two_ways(["train-rm", "--config", str(ROOT / "stage_configs" / "tldr_rm.yaml"), "--init-from",
+                      str(sft_ckpt)], tmp_path)
+    assert b == pytest.approx(a, rel=1e-4)
+
+
 def test_sft_under_zero3_matches_one_process_and_saves_a_plain_model(tmp_path):
     pytest.importorskip("deepspeed")
     a, b = _two_ways(["sft", "--config", str(ROOT / "stage_configs" / "tldr_sft.yaml"), *TINY_MODEL], tmp_path,
@@ -60,7 +66,9 @@ def test_sft_under_zero3_matches_one_process_and_saves_a_plain_model(tmp_path):
     assert subprocess.run([sys.executable, "-c", code, str(tmp_path / "two")]).returncode == 0
 
 
-def test_ppo_under_zero2_with_two_processes(sft_ckpt, tmp_path):
+@pytest.mark.parametrize("zero", [2, 3])
+def test_ppo_under_zero_with_two_processes(zero, sft_ckpt, tmp_path):
+    """ZeRO-3 too: rollouts generate with synced processes, the reference is a whole frozen copy."""
     pytest.importorskip("deepspeed")
     out = tmp_path / "ppo"
     _run(["ppo", "--config", str(ROOT / "stage_configs" / "tldr_ppo.yaml"), "--policy", str(sft_ckpt),
@@ -69,7 +77,7 @@ def test_ppo_under_zero2_with_two_processes(sft_ckpt, tmp_path):
           "--set", "train.max_steps=8", "--set", "ppo.num_rollouts=16", "--set", "ppo.chunk_size=8",
           "--set", "ppo.ppo_epochs=2", "--set", "ppo.num_layers_unfrozen=1", "--set", "ppo.generation.max_new_tokens=6",
           "--set", "eval.num_samples=8", "--set", "eval.generation.max_new_tokens=6", "--set", "checkpoint.interval=4",
-          "--set", "distributed.num_processes=2", "--set", f"distributed.deepspeed_config={ACC / 'ds_zero2.json'}"])
+          "--set", "distributed.num_processes=2", "--set", f"distributed.deepspeed_config={ACC / f'ds_zero{zero}.json'}"])
     m = json.loads((out / "rlhf_stage.json").read_text())
     assert m["status"] == "complete" and m["step"] == 8
     assert (out / "value_head.safetensors").is_file()

@@ -67,8 +67,8 @@ def _estimate(cfg, size, n: int, zero: int, short: bool = False) -> str:
     extra = 0.0
     if stage == "dpo" and not cfg.precompute_ref_logps:
         extra = 2 * params  # frozen bf16 reference
-    elif stage == "ppo":
-        extra = 4 * trainable + 2 * params  # reference copy of what trains + a reward model of the same size
+    elif stage == "ppo":  # reference: a copy of what trains (a whole copy under ZeRO-3) + a same-size reward model
+        extra = (4 * params if zero >= 3 else 4 * trainable) + 2 * params
     elif stage == "ilql":
         extra = 0.1 * params  # Q / target / V heads (vocabulary-wide), roughly
     total = (per + extra) / GiB

@@ -33,13 +33,15 @@ def cut_at_stop(tokenizer, ids: list[int], stop_sequences: list[str]) -> tuple[l
 
 @torch.no_grad()  # not inference_mode: ZeRO-3 keeps gathered weights, which must stay usable by autograd
 def generate(model, tokenizer, prompt_ids: list[list[int]], gen_cfg, batch_size: int, seed: int | None,
-             progress=None, stop_sequences: list[str] = (), keep_eos: bool = False) -> list[list[int]]:
+             progress=None, stop_sequences: list[str] = (), keep_eos: bool = False,
+             synced_gpus: bool = False) -> list[list[int]]:
     """Completion token ids for each prompt (sampling with the KV cache, left padding).
 
     A completion ends at EOS or at the first stop string. With `keep_eos` the ending is kept as an
     EOS token (PPO trains on it: the policy learns when to stop); without, EOS and all after are cut.
     `seed`: the sampling noise comes from this seed inside a forked RNG, so evaluating mid-training
     neither depends on nor disturbs the training RNG; None draws from the global RNG (rollouts).
+    `synced_gpus`: under ZeRO-3 every process keeps stepping until all are done (each step gathers weights).
     """
     import contextlib
 
@@ -59,7 +61,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], gen_cfg, batch_size:
             input_ids = pad_left(chunk, pad).to(device)  # (B, P)
             attention_mask = pad_left([[1] * len(c) for c in chunk], 0).to(device)
             kwargs = dict(max_new_tokens=gen_cfg.max_new_tokens, do_sample=gen_cfg.do_sample,
-                          pad_token_id=pad, eos_token_id=eos)
+                          pad_token_id=pad, eos_token_id=eos, **({"synced_gpus": True} if synced_gpus else {}))
             if gen_cfg.do_sample:
                 kwargs.update(temperature=gen_cfg.temperature, top_k=gen_cfg.top_k, top_p=gen_cfg.top_p)
             seqs = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

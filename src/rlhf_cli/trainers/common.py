@@ -44,7 +44,13 @@ def setup_accelerator(cfg):
         if ds.get("bf16", {}).get("enabled", "auto") == "auto":
             ds["bf16"] = {"enabled": mp == "bf16"}
         ds.setdefault("zero_allow_untested_optimizer", True)
-        return Accelerator(mixed_precision=mp, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds))
+        # zero3_init_flag off: models load whole and are sharded when prepared, so the PPO reference copy
+        # and the vocabulary checks see real weights (each process holds one full copy in CPU RAM at load)
+        acc = Accelerator(mixed_precision=mp, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False))
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # Accelerate registers it anyway; without this from_pretrained shards at load
+        return acc
     return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
 
 

@@ -27,7 +27,7 @@ from ..data.sources import load_formatted
 from ..data.tokenize import encode_prompt, pad_left, pad_right
 from ..errors import UserError
 from ..eval.generation import generate
-from ..heads import PolicyWithValueHead, Reference
+from ..heads import FrozenCopy, PolicyWithValueHead, Reference
 from ..losses import ppo as L
 from ..models import (check_vocab, count_params, disable_dropout, expect_kind, freeze_bottom, load_causal_lm, load_tokenizer,
                       max_positions, transformer_blocks)
@@ -211,7 +211,8 @@ def sequence_kls(model, reference: Reference, tok, queries, responses, batch_siz
     return out
 
 
-def evaluate(model, reference, tok, data: PromptData, scorer: Scorer, cfg, device, progress) -> tuple[dict, list]:
+def evaluate(model, reference, tok, data: PromptData, scorer: Scorer, cfg, device, progress,
+             synced: bool = False) -> tuple[dict, list]:
     """Generate for the fixed held-out prompts: reward (and delta), gold, ROUGE, KL to the reference."""
     from ..eval.metrics import gold_scores, mean_and_stderr, rouge
 
@@ -223,7 +224,7 @@ def evaluate(model, reference, tok, data: PromptData, scorer: Scorer, cfg, devic
     prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
     queries = [encode_prompt(tok, p, cfg.data.max_prompt_length)[0] for p in prompts]
     responses = generate(model.policy, tok, queries, cfg.eval.generation, cfg.eval.batch_size, cfg.eval.seed,
-                         progress, cfg.ppo.stop_sequences, keep_eos=True)
+                         progress, cfg.ppo.stop_sequences, keep_eos=True, synced_gpus=synced)
     texts = tok.batch_decode(responses, skip_special_tokens=True)
     rewards, raw = scorer(prompts, texts, refs) if scorer.delta else (None, scorer.source.score(prompts, texts))
     m: dict = {}
@@ -314,6 +315,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     acc = common.setup_accelerator(cfg)
     rank, world_size = common.world(acc)
     _check_batching(cfg, world_size)
+    zero3 = common.zero_stage(acc) == 3
     torch.manual_seed(cfg.seed)
     P = cfg.ppo
 
@@ -337,7 +339,8 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     model = PolicyWithValueHead(policy)
     model.load_value_head(Path(src).expanduser())  # continuing from a PPO checkpoint keeps its value head
     model.to(acc.device)
-    reference = Reference(model.policy)  # the initial values of what trains; the rest is shared
+    # the initial values of what trains, the rest shared; under ZeRO-3 (sharded weights) a whole copy
+    reference = FrozenCopy(model.policy) if zero3 else Reference(model.policy)
     if resume_from is not None:
         resumed = load_causal_lm(str(resume_from), cfg.model)
         model.policy.load_state_dict(resumed.state_dict())
@@ -372,10 +375,11 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
         reward = metrics.get("eval/reward")
         if reward is None or (state["best_reward"] is not None and reward <= state["best_reward"]):
             return
-        state["best_reward"], state["best_step"] = reward, step
+        state["best_reward"], state["best_step"] = reward, step  # the same on every process: same eval prompts
+        state_dict = acc.get_state_dict(model)  # every process takes part (ZeRO-3 gathers)
         if common.is_main(acc):
             with ck.atomic_dir(run_.partial / "best") as tmp:
-                core.save_pretrained(tmp, state_dict=acc.get_state_dict(model))
+                core.save_pretrained(tmp, state_dict=state_dict)
                 tok.save_pretrained(tmp)
                 ck.write_manifest(tmp, status="complete", stage="ppo", step=step, metrics=metrics,
                                   note="the best checkpoint by eval/reward; the parent directory holds the last")
@@ -384,7 +388,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     history: list[dict] = []  # the first 8 eval samples of every eval: how the completions change
     with common.progress_bar(console, common.is_main(acc)) as progress:
         if cfg.eval.at_start and state["step"] == 0:
-            first_eval, first_samples = evaluate(core, reference, tok, data, scorer, cfg, acc.device, progress)
+            first_eval, first_samples = evaluate(core, reference, tok, data, scorer, cfg, acc.device, progress, zero3)
             run_.log(0, first_eval)
             history += [{"step": 0, **x} for x in first_samples[:8]]
         bar = progress.add_task("ppo", total=steps, completed=state["step"], info="")
@@ -393,7 +397,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
             timings = {"generate": 0.0, "score": 0.0, "forward": 0.0}
             # 1-3. rollouts, scores, old log-probs / values / reference log-probs
             ro = collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, cfg, acc.device,
-                                  timings, progress, P.num_rollouts // world_size)
+                                  timings, progress, P.num_rollouts // world_size, zero3)
             scores = ro.scores.clone()
             # the moments (and the first iteration's std) are of every process's scores, so all scale alike
             batch_mean, batch_std = moments.update(torch.tensor(common.all_gather(scores.tolist())))
@@ -439,7 +443,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
             progress.update(bar, info=f"reward {batch_mean:.3f} kl {mean_kl:.2f}")
             last = state["iteration"] == iterations
             if not last and cfg.eval.interval and step // cfg.eval.interval != (step - steps_per_iter) // cfg.eval.interval:
-                metrics, samples = evaluate(core, reference, tok, data, scorer, cfg, acc.device, progress)
+                metrics, samples = evaluate(core, reference, tok, data, scorer, cfg, acc.device, progress, zero3)
                 run_.log(step, metrics)
                 _show_samples(console, samples, step)
                 history += [{"step": step, **x} for x in samples[:8]]
@@ -448,7 +452,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 step // cfg.checkpoint.interval != (step - steps_per_iter) // cfg.checkpoint.interval
             if not last:
                 run_.checkpoint(model, tok, optimizer, scheduler, state, manifest, due=due)
-        last_eval, samples = evaluate(core, reference, tok, data, scorer, cfg, acc.device, progress)
+        last_eval, samples = evaluate(core, reference, tok, data, scorer, cfg, acc.device, progress, zero3)
         run_.log(steps, last_eval)
         _show_samples(console, samples, steps)
         history += [{"step": steps, **x} for x in samples[:8]]
@@ -480,7 +484,7 @@ def _show_samples(console, samples: list[dict], step: int, n: int = 2) -> None:
 
 @torch.no_grad()
 def collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, cfg, device, timings,
-                     progress, num_rollouts: int) -> Rollouts:
+                     progress, num_rollouts: int, synced: bool = False) -> Rollouts:
     """This process's `num_rollouts` rollouts; every process scores its own (no rank-0 bottleneck)."""
     P = cfg.ppo
     queries, responses, texts, prompts, raw, used = [], [], [], [], [], []
@@ -493,7 +497,8 @@ def collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, 
         chunk = [data.train[i] for i in idx]
         q = [encode_prompt(tok, p, cfg.data.max_prompt_length)[0] for p, _ in chunk]
         t = time.perf_counter()
-        r = generate(core.policy, tok, q, P.generation, len(q), None, stop_sequences=P.stop_sequences, keep_eos=True)
+        r = generate(core.policy, tok, q, P.generation, len(q), None, stop_sequences=P.stop_sequences, keep_eos=True,
+                     synced_gpus=synced)
         timings["generate"] += time.perf_counter() - t
         txt = tok.batch_decode(r, skip_special_tokens=True)
         t = time.perf_counter()
