@@ -114,3 +114,14 @@ def test_memory_estimate_by_hand():
     assert "~14.9 GiB" in _estimate(cfg, (1e9, 10), 1, 0)
     assert "~5.1 GiB" in _estimate(cfg, (1e9, 10), 8, 2, short=True)
     assert "~1.9 GiB" in _estimate(cfg, (1e9, 10), 8, 3, short=True)
+
+
+def test_zero2_with_gradient_accumulation_matches_one_process(tmp_path):
+    """DeepSpeed counts accumulated micro-batches itself: 2 processes x 2 x batch 2 = 1 process x 2 x batch 4."""
+    pytest.importorskip("deepspeed")
+    sft = ["sft", "--config", str(ROOT / "stage_configs" / "tldr_sft.yaml"), *TINY_MODEL, *SMALL,
+           "--set", "train.gradient_accumulation_steps=2"]
+    _run([*sft, "--output-dir", str(tmp_path / "one"), "--set", "train.batch_size=4"])
+    _run([*sft, "--output-dir", str(tmp_path / "two"), "--set", "train.batch_size=2",
+          "--set", "distributed.num_processes=2", "--set", f"distributed.deepspeed_config={ACC / 'ds_zero2.json'}"])
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)

@@ -10,6 +10,9 @@ the number is a floor, not a promise.
 from __future__ import annotations
 
 import re
+from pathlib import Path
+
+import yaml
 
 # hub name -> (parameters, transformer blocks)
 KNOWN = {
@@ -42,12 +45,16 @@ def estimate(cfg, name: str) -> str | None:
     size = model_size(name)
     if size is None:
         return None
-    zero = 0
+    zero, n = 0, cfg.distributed.num_processes
+    acc_cfg = cfg.distributed.accelerate_config
+    if acc_cfg and Path(acc_cfg).is_file():  # its processes over all machines
+        raw = yaml.safe_load(Path(acc_cfg).read_text()) or {}
+        n = int(raw.get("num_processes", n))
     if cfg.distributed.deepspeed_config:
         m = re.search(r"zero(\d)", cfg.distributed.deepspeed_config)
         zero = int(m.group(1)) if m else 2
-    lines = [_estimate(cfg, size, cfg.distributed.num_processes, zero)]
-    lines += [_estimate(cfg, size, 8, z, short=True) for z in (2, 3) if (cfg.distributed.num_processes, zero) != (8, z)]
+    lines = [_estimate(cfg, size, n, zero)]
+    lines += [_estimate(cfg, size, 8, z, short=True) for z in (2, 3) if (n, zero) != (8, z)]
     return "; ".join(lines)
 
 

@@ -35,10 +35,8 @@ def setup_accelerator(cfg):
             ds = json.loads(Path(ds_path).expanduser().read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read distributed.deepspeed_config {ds_path}: {e}") from None
-        if cfg.train.gradient_accumulation_steps != 1:
-            raise UserError("with DeepSpeed keep train.gradient_accumulation_steps at 1 (raise train.batch_size "
-                            "or the number of processes instead)")
-        fill = {"train_micro_batch_size_per_gpu": cfg.train.batch_size, "gradient_accumulation_steps": 1,
+        fill = {"train_micro_batch_size_per_gpu": cfg.train.batch_size,
+                "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
                 "gradient_clipping": cfg.train.max_grad_norm or 0.0}
         ds.update({k: v for k, v in fill.items() if ds.get(k, "auto") == "auto"})
         if ds.get("bf16", {}).get("enabled", "auto") == "auto":
@@ -46,12 +44,25 @@ def setup_accelerator(cfg):
         ds.setdefault("zero_allow_untested_optimizer", True)
         # zero3_init_flag off: models load whole and are sharded when prepared, so the PPO reference copy
         # and the vocabulary checks see real weights (each process holds one full copy in CPU RAM at load)
-        acc = Accelerator(mixed_precision=mp, deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False))
+        # DeepSpeed counts the accumulated micro-batches itself (its step is a no-op between boundaries)
+        acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+                          deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False))
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # Accelerate registers it anyway; without this from_pretrained shards at load
         return acc
     return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+
+def backward(acc, loss, accumulation: int, last: bool = True) -> None:
+    """acc.backward of a loss already divided over the accumulated micro-batches. DeepSpeed divides by its
+    gradient_accumulation_steps itself, so ours is undone there, and it must be told which micro-batch
+    closes the step (it steps at that boundary only)."""
+    if uses_deepspeed(acc):
+        acc.gradient_state._set_sync_gradients(last)
+        acc.backward(loss * accumulation)
+    else:
+        acc.backward(loss)
 
 
 def world(acc) -> tuple[int, int]:

@@ -265,7 +265,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 state["micro_step"] += 1
             n_pairs = sum(len(b) for b in idx_batches)
             loss_total, logged = 0.0, []
-            for idx in idx_batches:
+            for j, idx in enumerate(idx_batches):
                 chunk = [feats[i] for i in idx]
                 # 2. policy log-probs: chosen and rejected in one forward pass
                 with acc.autocast():
@@ -280,7 +280,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 out_ = _loss(cfg, pw, pl, rw, rl, nw, nl)
                 # 4. backward: mean over the pairs of the whole optimizer step
                 loss = out_.losses.sum() / n_pairs
-                acc.backward(loss)
+                common.backward(acc, loss, cfg.train.gradient_accumulation_steps, last=j == len(idx_batches) - 1)
                 loss_total += loss.item()
                 logged.append((out_, pw, pl))
             loss_total = common.all_reduce(loss_total)  # each process's mean over its equal share of pairs

@@ -221,12 +221,12 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 idx_batches.append(batcher.indices(state["micro_step"]))
                 state["micro_step"] += 1
             loss_total, parts = 0.0, []
-            for idx in idx_batches:
+            for j, idx in enumerate(idx_batches):
                 b = batch_tensors([feats[i] for i in idx], returns[idx], tok.pad_token_id, acc.device)
                 with acc.autocast():
                     out_ = compute_loss(model, b, I)
                 loss = out_.loss / len(idx_batches)
-                acc.backward(loss)
+                common.backward(acc, loss, cfg.train.gradient_accumulation_steps, last=j == len(idx_batches) - 1)
                 loss_total += loss.item()
                 parts.append(out_)
             grad_norm = common.optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm, loss_total,

@@ -559,7 +559,7 @@ def ppo_update(model, acc, optimizer, scheduler, ro: Rollouts, advantages, retur
                 pl = L.policy_loss(lp, old_lp, adv, b.mask, P.cliprange)
                 vl = L.value_loss(values, old_v, ret, b.mask, P.cliprange_value)
                 loss = (pl.loss + P.vf_coef * vl.loss) / T.gradient_accumulation_steps
-                acc.backward(loss)
+                common.backward(acc, loss, T.gradient_accumulation_steps, last=m + T.batch_size >= start + mb)
                 loss_total += loss.item()
                 with torch.no_grad():
                     stats = {"train/policy_loss": pl.loss.item(), "train/value_loss": vl.loss.item(),

@@ -183,7 +183,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 state["micro_step"] += 1
             n_pairs = sum(len(b) for b in batches)
             loss_total, correct, margin_sum = 0.0, 0.0, 0.0
-            for chunk in batches:
+            for j, chunk in enumerate(batches):
                 b = collate_pairs([f["chosen"] for f in chunk], [f["rejected"] for f in chunk], tok.pad_token_id)
                 # 2. one forward pass scores chosen (first half) and rejected (second half)
                 with acc.autocast():
@@ -192,7 +192,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 out_ = pairwise_loss(r[: len(chunk)], r[len(chunk):], margin, cfg.loss.center_coef)
                 # 3. backward: mean over the pairs of the whole optimizer step
                 loss = out_.losses.sum() / n_pairs
-                acc.backward(loss)
+                common.backward(acc, loss, cfg.train.gradient_accumulation_steps, last=j == len(batches) - 1)
                 loss_total += loss.item()
                 correct += out_.accuracy.sum().item()
                 margin_sum += out_.margin.sum().item()

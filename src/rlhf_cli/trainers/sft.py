@@ -183,7 +183,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 out_ = sft_loss(logits, b["labels"])
                 loss = out_.loss_sum * world_size / max(1, n_tokens)
                 # 3. backward
-                acc.backward(loss)
+                common.backward(acc, loss, cfg.train.gradient_accumulation_steps, last=j == len(batches) - 1)
                 loss_total += out_.loss_sum.item() / max(1, n_tokens)
             loss_total = common.all_reduce(loss_total, "sum")
             # 4. clip and step
