@@ -147,6 +147,22 @@ def load_policy(cfg, train_texts=None):
     return tok, model
 
 
+def load_trained_policy(cfg, path: str, stage: str):
+    """(tokenizer, causal LM) of the policy a later stage starts from (`--policy`): a trained checkpoint or a
+    hub name, never 'tiny'; its kind and vocabulary are checked and its pad id set."""
+    if path == "tiny":
+        raise UserError(f"{stage} needs a trained policy to start from: pass --policy runs/sft")
+    local = Path(path).expanduser()
+    if local.exists():
+        expect_kind(local, "policy", "--policy")
+    tok = load_tokenizer(cfg.tokenizer.name_or_path or path, cfg.model.trust_remote_code, cfg.model.revision)
+    model = load_causal_lm(path, cfg.model)
+    check_vocab(tok, model, cfg.tokenizer.name_or_path or path)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return tok, model
+
+
 def load_reward_model(name: str, model_cfg, tokenizer):
     """A sequence classifier with one output (the TRL/OpenRLHF convention) from a policy or RM checkpoint."""
     import torch

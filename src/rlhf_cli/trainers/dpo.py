@@ -23,7 +23,7 @@ from ..data.tokenize import collate_sft, sft_features
 from ..errors import UserError
 from ..eval.generation import generation_metrics
 from ..losses.dpo import DPOLoss, dpo_loss, sequence_logps
-from ..models import check_vocab, count_params, disable_dropout, expect_kind, load_causal_lm, load_tokenizer, max_positions
+from ..models import count_params, disable_dropout, expect_kind, load_trained_policy, max_positions
 from . import common
 
 
@@ -161,17 +161,7 @@ def evaluate(model, ref, ref_eval, tok, data: PairData, feats_eval, cfg, device,
 
 
 def _load_policy(cfg, path: str):
-    local = Path(path).expanduser()
-    if path == "tiny":
-        raise UserError("dpo needs a trained policy to start from: pass --policy runs/sft")
-    if local.exists():
-        expect_kind(local, "policy", "--policy")
-    tok = load_tokenizer(cfg.tokenizer.name_or_path or path, cfg.model.trust_remote_code, cfg.model.revision)
-    model = load_causal_lm(path, cfg.model)
-    check_vocab(tok, model, cfg.tokenizer.name_or_path or path)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
-    return tok, model
+    return load_trained_policy(cfg, path, "dpo")
 
 
 def plan(cfg, out: Path, world_size: int = 1) -> dict:

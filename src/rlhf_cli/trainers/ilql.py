@@ -22,7 +22,7 @@ from ..data.tokenize import collate_sft, encode_prompt, sft_features
 from ..errors import UserError
 from ..heads import ILQLHeads, PolicyWithILQLHeads, hidden_size, ilql_generate
 from ..losses.ilql import ilql_loss, polyak_update
-from ..models import check_vocab, count_params, disable_dropout, expect_kind, load_causal_lm, load_tokenizer, max_positions
+from ..models import count_params, disable_dropout, expect_kind, load_trained_policy, max_positions
 from . import common
 
 
@@ -133,17 +133,7 @@ def _policy_source(cfg) -> str:
 
 
 def _load(cfg, path: str):
-    if path == "tiny":
-        raise UserError("ilql needs a trained policy to start from: pass --policy runs/sft")
-    local = Path(path).expanduser()
-    if local.exists():
-        expect_kind(local, "policy", "--policy")
-    tok = load_tokenizer(cfg.tokenizer.name_or_path or path, cfg.model.trust_remote_code, cfg.model.revision)
-    model = load_causal_lm(path, cfg.model)
-    check_vocab(tok, model, cfg.tokenizer.name_or_path or path)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
-    return tok, model
+    return load_trained_policy(cfg, path, "ilql")
 
 
 def plan(cfg, out: Path, world_size: int = 1) -> dict:

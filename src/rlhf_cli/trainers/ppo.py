@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..eval.generation import generate
 from ..heads import FrozenCopy, PolicyWithValueHead, Reference
 from ..losses import ppo as L
-from ..models import (check_vocab, count_params, disable_dropout, expect_kind, freeze_bottom, load_causal_lm, load_tokenizer,
+from ..models import (count_params, disable_dropout, expect_kind, freeze_bottom, load_causal_lm, load_trained_policy,
                       max_positions, transformer_blocks)
 from . import common
 
@@ -72,15 +72,7 @@ def _policy_source(cfg) -> str:
 
 
 def _load_policy(cfg, path: str):
-    local = Path(path).expanduser()
-    if local.exists():
-        expect_kind(local, "policy", "--policy")
-    tok = load_tokenizer(cfg.tokenizer.name_or_path or path, cfg.model.trust_remote_code, cfg.model.revision)
-    model = load_causal_lm(path, cfg.model)
-    check_vocab(tok, model, cfg.tokenizer.name_or_path or path)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
-    return tok, model
+    return load_trained_policy(cfg, path, "ppo")
 
 
 def _freeze(policy, k: int) -> None:
