@@ -91,6 +91,10 @@ def _quiet_libraries() -> None:
     import datasets
     import transformers
 
+    import torch
+
+    if not torch.cuda.is_available():  # else DeepSpeed, when installed, warns on import that it fell back to CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
