@@ -147,14 +147,19 @@ def load_policy(cfg, train_texts=None):
     return tok, model
 
 
-def load_trained_policy(cfg, path: str, stage: str):
-    """(tokenizer, causal LM) of the policy a later stage starts from (`--policy`): a trained checkpoint or a
-    hub name, never 'tiny'; its kind and vocabulary are checked and its pad id set."""
+def check_policy_source(path: str, stage: str) -> None:
+    """`--policy` of a later stage, checked before anything is created: not 'tiny', and a policy if local."""
     if path == "tiny":
         raise UserError(f"{stage} needs a trained policy to start from: pass --policy runs/sft")
     local = Path(path).expanduser()
     if local.exists():
         expect_kind(local, "policy", "--policy")
+
+
+def load_trained_policy(cfg, path: str, stage: str):
+    """(tokenizer, causal LM) of the policy a later stage starts from (`--policy`): a trained checkpoint or a
+    hub name, never 'tiny'; its kind and vocabulary are checked and its pad id set."""
+    check_policy_source(path, stage)
     tok = load_tokenizer(cfg.tokenizer.name_or_path or path, cfg.model.trust_remote_code, cfg.model.revision)
     model = load_causal_lm(path, cfg.model)
     check_vocab(tok, model, cfg.tokenizer.name_or_path or path)

@@ -22,7 +22,7 @@ from ..data.tokenize import collate_sft, encode_prompt, sft_features
 from ..errors import UserError
 from ..heads import ILQLHeads, PolicyWithILQLHeads, hidden_size, ilql_generate
 from ..losses.ilql import ilql_loss, polyak_update
-from ..models import count_params, disable_dropout, expect_kind, load_trained_policy, max_positions
+from ..models import check_policy_source, count_params, disable_dropout, load_trained_policy, max_positions
 from . import common
 
 
@@ -155,10 +155,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
 
     console = console or Console(stderr=True)
     src = _policy_source(cfg)
-    if src == "tiny":
-        raise UserError("ilql needs a trained policy to start from: pass --policy runs/sft")
-    if Path(src).expanduser().exists():
-        expect_kind(Path(src).expanduser(), "policy", "--policy")
+    check_policy_source(src, "ilql")
     resume_from = ck.prepare_output(out, resume, overwrite)
     acc = common.setup_accelerator(cfg)
     rank, world_size = common.world(acc)
