@@ -217,5 +217,17 @@ def test_sentiment_ppo_on_real_review_text(shared_data, tmp_path):
                 "--set", "checkpoint.interval=0")
     assert r.exit_code == 0, r.output
     m = json.loads((out / "rlhf_stage.json").read_text())
-    assert -1 <= m["metrics"]["eval/reward"] <= 1
-    assert m["parent"] is None or "init_policy" in json.dumps(m["parent"])
+    assert -1 <= m["metrics"]["eval/reward"] <= 1  # tanh of a word count
+    assert "init_policy" in m["parent"]["path"]  # the warmed-up tiny policy is the parent
+
+
+@pytest.mark.slow
+def test_sentiment_ppo_raises_the_lexicon_sentiment(tmp_path):
+    """The acceptance run as it ships: stage_configs/sentiment_ppo.yaml, nothing overridden (about a minute)."""
+    out = tmp_path / "sentiment"
+    r = run_cli("ppo", "--config", str(ROOT / "stage_configs" / "sentiment_ppo.yaml"), "--output-dir", str(out))
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "rlhf_stage.json").read_text())
+    before, after = m["initial_metrics"], m["metrics"]
+    gap = after["eval/reward"] - before["eval/reward"]
+    assert gap > 3 * (after["eval/reward_stderr"] + before["eval/reward_stderr"]), (before, after)

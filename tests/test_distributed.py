@@ -125,3 +125,14 @@ def test_zero2_with_gradient_accumulation_matches_one_process(tmp_path):
     _run([*sft, "--output-dir", str(tmp_path / "two"), "--set", "train.batch_size=2",
           "--set", "distributed.num_processes=2", "--set", f"distributed.deepspeed_config={ACC / 'ds_zero2.json'}"])
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
+
+
+def test_bad_input_with_two_processes_is_still_one_sentence(tmp_path):
+    r = subprocess.run([*rlhf_cmd(), "sft", "--config", str(ROOT / "stage_configs" / "tldr_sft.yaml"),
+                        "--output-dir", str(tmp_path / "s"), "--set", f"data.source={tmp_path}/none.jsonl",
+                        "--set", "distributed.num_processes=2"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: data source") and len(lines) <= 2  # the launch notice, the error
+    assert not (tmp_path / "s").exists()

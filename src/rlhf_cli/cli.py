@@ -174,8 +174,9 @@ def _relaunch(d) -> bool:
             raise UserError(f"distributed.accelerate_config {d.accelerate_config} does not exist")
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", d.accelerate_config]
     else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                    str(d.num_processes)]
+        launcher = [sys.executable, "-m", "rlhf_cli.launch", "--standalone", "--nproc_per_node", str(d.num_processes)]
+        # torchrun would set 1 thread per process and print a banner saying so; share the cores instead
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // d.num_processes)))
     err.print(f"launching {d.num_processes if not d.accelerate_config else 'the configured'} processes: "
               f"{' '.join(launcher[2:])}")
     code = subprocess.run([*launcher, "-m", "rlhf_cli.cli", *sys.argv[1:]]).returncode
