@@ -117,6 +117,23 @@ def zero_stage(acc) -> int:
     return int(plugin.zero_stage) if plugin is not None else 0
 
 
+class LoopClock:
+    """Wall seconds and work of this process's training loop, recorded as rlhf_stage.json's
+    `train_loop` (eval inside the loop included; model loading, first and final eval excluded):
+    the throughput a run reports and `benchmarks/` compares."""
+
+    def __init__(self, state: dict, count: str = "examples"):
+        self.t0, self.start, self.count = time.perf_counter(), dict(state), count
+
+    def record(self, state: dict, manifest: dict, unit: str) -> dict:
+        seconds = time.perf_counter() - self.t0
+        work = {k: state.get(k, 0) - self.start.get(k, 0) for k in ("step", self.count, "tokens")}
+        manifest["train_loop"] = {"seconds": round(seconds, 4), "optimizer_steps": work["step"],
+                                  unit: work[self.count], "tokens": work["tokens"],
+                                  f"{unit}_per_s": round(work[self.count] / max(seconds, 1e-9), 3)}
+        return manifest["train_loop"]
+
+
 def make_optimizer(model, train_cfg) -> torch.optim.Optimizer:
     """AdamW; biases and norm weights (1-D parameters) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]

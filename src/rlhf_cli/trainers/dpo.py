@@ -244,6 +244,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
             run_.log(0, first_eval)
         bar = progress.add_task("dpo", total=steps, completed=state["step"], info="")
         t_last, pairs_last = time.perf_counter(), state["examples"]
+        clock = common.LoopClock(state)
         while state["step"] < steps:
             # 1. micro-batches of pairs (indices, so cached reference rows line up)
             idx_batches = []
@@ -275,6 +276,8 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                                               loss_total, state["step"] + 1)
             state["step"] += 1
             state["examples"] += n_pairs
+            state["tokens"] = state.get("tokens", 0) + sum(
+                len(feats[i][k]["input_ids"]) for idx in idx_batches for i in idx for k in ("chosen", "rejected"))
             step = state["step"]
             progress.update(bar, advance=1, info=f"loss {loss_total:.3f}")
             if step % cfg.train.log_interval == 0 or step == steps:
@@ -290,6 +293,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 run_.log(step, evaluate(acc.unwrap_model(model), ref, ref_eval, tok, data, feats_eval, cfg, acc.device, progress)[0])
             run_.checkpoint(model, tok, optimizer, scheduler, state, manifest,
                             due=bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0 and step != steps)
+        clock.record(state, manifest, "pairs")
         last_eval, samples = evaluate(acc.unwrap_model(model), ref, ref_eval, tok, data, feats_eval, cfg, acc.device, progress)
         run_.log(steps, last_eval)
     if not first_eval:

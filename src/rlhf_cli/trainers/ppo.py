@@ -384,6 +384,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
             run_.log(0, first_eval)
             history += [{"step": 0, **x} for x in first_samples[:8]]
         bar = progress.add_task("ppo", total=steps, completed=state["step"], info="")
+        clock = common.LoopClock(state, "rollouts")
         while state["iteration"] < iterations:
             t0 = time.perf_counter()
             timings = {"generate": 0.0, "score": 0.0, "forward": 0.0}
@@ -418,6 +419,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 state["kl_coef"] = L.adaptive_kl_coef(state["kl_coef"], mean_kl, P.target, P.horizon, P.num_rollouts)
             state["iteration"] += 1
             state["rollouts"] += len(ro.texts)
+            state["tokens"] = state.get("tokens", 0) + int(ro.mask.sum())  # response tokens
             state["moments"] = moments.state_dict()
             step = state["step"]
             log = {"rollout/reward": batch_mean, "rollout/reward_std": batch_std,
@@ -444,6 +446,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 step // cfg.checkpoint.interval != (step - steps_per_iter) // cfg.checkpoint.interval
             if not last:
                 run_.checkpoint(model, tok, optimizer, scheduler, state, manifest, due=due)
+        clock.record(state, manifest, "episodes")
         last_eval, samples = evaluate(core, reference, tok, data, scorer, cfg, acc.device, progress, zero3)
         run_.log(steps, last_eval)
         _show_samples(console, samples, steps)

@@ -175,6 +175,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
         bar = progress.add_task("train-rm", total=steps, completed=state["step"], info="")
         model.train()
         t_last, pairs_last = time.perf_counter(), state["examples"]
+        clock = common.LoopClock(state)
         while state["step"] < steps:
             # 1. micro-batches of pairs
             batches = []
@@ -216,6 +217,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 run_.log(step, evaluate(unwrapped, tok, feats_eval, data.eval, cfg, acc.device))
             run_.checkpoint(model, tok, optimizer, scheduler, state, manifest,
                             due=bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0 and step != steps)
+        clock.record(state, manifest, "pairs")
         last_eval = evaluate(unwrapped, tok, feats_eval, data.eval, cfg, acc.device)
         run_.log(steps, last_eval)
     if not first_eval:

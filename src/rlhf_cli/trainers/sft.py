@@ -164,6 +164,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
         model.train()
         accum = cfg.train.gradient_accumulation_steps
         t_last, tokens_last = time.perf_counter(), progress_state["tokens"]
+        clock = common.LoopClock(progress_state)
         while progress_state["step"] < steps:
             # 1. the micro-batches of this optimizer step
             batches = []
@@ -208,6 +209,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
             run_.checkpoint(model, tok, optimizer, scheduler, progress_state, manifest,
                             due=bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0 and step != steps)
 
+        clock.record(progress_state, manifest, "examples")
         last_eval, samples = evaluate(acc.unwrap_model(model), tok, data, feats_eval, cfg, progress)
         run_.log(steps, last_eval)
     if not first_eval:

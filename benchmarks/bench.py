@@ -1,0 +1,251 @@
+"""rlhf_cli against TRL on identical work: SFT, reward model, DPO and PPO at two sizes, A/B
+alternating, one process per run, one CPU thread each. Writes benchmarks/RESULTS.md.
+
+    make bench                        # or: python benchmarks/bench.py [--sizes tiny] [--repeats 3]
+
+Both sides load the same model, tokenizer and data from disk (workload.py), use the same batch
+size, sequence lengths, steps and learning rate, and see the same batches in the same order; each
+pair of runs is checked for the same optimizer steps and tokens and (SFT, RM, DPO) the same
+first-step loss. PPO compares against TRL 1.12's experimental PPOTrainer (TRL >= 1.14 ships no
+PPO) in a second virtual environment, .bench/trl112, that holds only that TRL and reads everything
+else (torch, transformers, ...) from this one, so the two sides differ in the trainer alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import venv
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import workload  # noqa: E402
+
+UNITS = {"sft": "tokens/s", "rm": "pairs/s", "dpo": "pairs/s", "ppo": "episodes/s"}
+TARGETS = {"sft": 1.3, "rm": 1.3, "dpo": 1.5, "ppo": 3.0}
+NAMES = {"sft": "SFT", "rm": "Reward model", "dpo": "DPO", "ppo": "PPO"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1",
+       "PYTHONWARNINGS": "ignore"}
+
+
+def trl112_python(where: Path) -> str:
+    """A virtual environment with trl==1.12.0 on top of this interpreter's packages (made once)."""
+    py = where / "bin" / "python"
+    if not (where / ".ready").exists():
+        venv.create(where, with_pip=True, clear=True)
+        site = subprocess.check_output([str(py), "-c", "import site; print(site.getsitepackages()[0])"], text=True)
+        import site as this_site
+
+        Path(site.strip(), "_rlhf_bench_base.pth").write_text(this_site.getsitepackages()[0] + "\n")
+        subprocess.check_call([str(py), "-m", "pip", "install", "--quiet", "--no-deps", "trl==1.12.0"], env=ENV)
+        (where / ".ready").touch()
+    return str(py)
+
+
+def run_one(python: str, script: str, spec: Path, method: str, out: Path, log: Path) -> dict:
+    cmd = [python, str(HERE / script), "--spec", str(spec), "--out", str(out)]
+    if script != "trl_ppo.py":
+        cmd += ["--method", method]
+    with open(log, "a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        rc = subprocess.call(cmd, env=ENV, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+    if rc:
+        raise SystemExit(f"benchmark run failed (exit {rc}): {' '.join(cmd)}; see {log}")
+    return json.loads(out.read_text())
+
+
+def same_work(method: str, a: dict, b: dict) -> list[str]:
+    """What differs between the two sides' work (empty: the same)."""
+    problems = []
+    if a["optimizer_steps"] != b["optimizer_steps"]:
+        problems.append(f"optimizer steps {a['optimizer_steps']} vs {b['optimizer_steps']}")
+    if method == "ppo":
+        if a["work"] != b["work"]:
+            problems.append(f"episodes {a['work']} vs {b['work']}")
+        # sampled lengths differ run to run; the responses must be of similar total length
+        if abs(a["tokens"] - b["tokens"]) > 0.1 * max(a["tokens"], b["tokens"]):
+            problems.append(f"response tokens {a['tokens']} vs {b['tokens']}")
+        return problems
+    if a["tokens"] != b["tokens"]:
+        problems.append(f"tokens {a['tokens']} vs {b['tokens']}")
+    if abs(a["first_loss"] - b["first_loss"]) > 1e-3 * max(1.0, abs(b["first_loss"])):
+        problems.append(f"first-step loss {a['first_loss']:.6f} vs {b['first_loss']:.6f}")
+    if method == "dpo" and abs(a["first_logps_chosen"] - b["first_logps_chosen"]) > 1e-3 * abs(b["first_logps_chosen"]):
+        problems.append(f"first-step chosen log-prob {a['first_logps_chosen']:.4f} vs {b['first_logps_chosen']:.4f}")
+    return problems
+
+
+def matmul_peak() -> float:
+    """Best fp32 GFLOP/s of a square matmul on one thread (the MFU denominator), in this process."""
+    import torch
+
+    torch.set_num_threads(1)
+    best = 0.0
+    for n in (256, 512, 1024):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(2):
+            a @ b
+        reps = max(3, int(2e9 / (2 * n**3)))
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def model_flops_per_token(spec: dict) -> float:
+    """Training FLOPs per token: 6 x (block + LM-head parameters) + attention (PaLM's 12·L·T·d)."""
+    m, d, L, T = spec["model"], spec["model"]["n_embd"], spec["model"]["n_layer"], spec["max_length"]
+    block = 12 * d * d + 13 * d  # qkv, proj, 4d MLP, norms
+    return 6 * (L * block + d * spec["vocab_size"]) + 12 * L * T * d / 2 + 0 * m["n_head"]  # causal: half of T
+
+
+def summarize(results: dict, methods: list[str]) -> list[dict]:
+    rows = []
+    for (size, method), pairs in results.items():
+        ours = [p["ours"]["throughput"] for p in pairs]
+        trl = [p["trl"]["throughput"] for p in pairs]
+        ratios = [o / t for o, t in zip(ours, trl)]
+        problems = sorted({x for p in pairs for x in same_work(method, p["ours"], p["trl"])})
+        rows.append({"size": size, "method": method, "ours": statistics.median(ours), "trl": statistics.median(trl),
+                     "ratio": statistics.median(ours) / statistics.median(trl), "min": min(ratios), "max": max(ratios),
+                     "repeats": len(pairs), "problems": problems, "first": pairs[0]})
+    return rows
+
+
+def write_results(path: Path, rows: list[dict], specs: dict, peak: float, mfu: dict, versions: dict, args,
+                  minutes: float) -> None:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    lines = [
+        "# rlhf-cli against TRL: training-loop throughput on identical work",
+        "",
+        "Regenerated by `make bench` (`python benchmarks/bench.py`); do not edit by hand.",
+        "",
+        f"- Machine: {cpu}, {os.cpu_count()} cores, one thread per run (`torch.set_num_threads(1)`), no GPU.",
+        f"- Software: Python {platform.python_version()}, torch {versions['torch']}, transformers "
+        f"{versions['transformers']}, rlhf_cli {versions['rlhf_cli']}; TRL {versions['trl']} (SFT, RM, DPO), "
+        f"TRL 1.12.0 `trl.experimental.ppo.PPOTrainer` (PPO, in .bench/trl112).",
+        f"- {args.repeats} repeats per cell, A/B alternating (ours first in odd repeats, TRL first in even ones), "
+        f"each run its own process; the throughput is the training loop's (model loading, tokenization "
+        f"and evaluation excluded on both sides). Whole benchmark: {minutes:.1f} min.",
+        "- Ratio = median ours / median TRL; the range is the min–max of the per-repeat A/B ratios.",
+        "",
+        "| size | stage | unit | rlhf_cli | TRL | ratio (min–max) | target | same work |",
+        "|---|---|---|---:|---:|---|---:|---|",
+    ]
+    for r in rows:
+        target = TARGETS[r["method"]] if r["size"] == "tiny" else None
+        ok = "yes" if not r["problems"] else "NO: " + "; ".join(r["problems"])
+        lines.append(f"| {r['size']} | {NAMES[r['method']]} | {UNITS[r['method']]} | {r['ours']:.1f} | {r['trl']:.1f} | "
+                     f"**{r['ratio']:.2f}x** ({r['min']:.2f}–{r['max']:.2f}) | "
+                     f"{f'{target:.1f}x' if target else '–'}{' met' if target and r['ratio'] >= target else (' MISSED' if target else '')} | {ok} |")
+    lines += ["", "## Workloads", ""]
+    for size, s in specs.items():
+        m = s["model"]
+        lines.append(f"- **{size}**: GPT-2, {m['n_layer']} layers, {m['n_embd']} wide, {m['n_head']} heads, "
+                     f"vocabulary {s['vocab_size']} (byte-level BPE trained on the TL;DR sample), "
+                     f"{s['params'] / 1e6:.2f}M parameters; real TL;DR posts and summaries (../shared/data) cut to "
+                     f"prompt <= {s['max_prompt_length']}, completion <= {s['max_completion_length']}, "
+                     f"sequence <= {s['max_length']} tokens.")
+        for method in ("sft", "rm", "dpo"):
+            w = s[method]
+            lines.append(f"  - {NAMES[method]}: {w['steps']} steps x {w['batch_size']} "
+                         f"{'examples' if method == 'sft' else 'pairs'}, lr {w['lr']}, fp32, no gradient checkpointing.")
+        p = s["ppo"]
+        lines.append(f"  - PPO: {p['iterations']} iteration(s) x {p['rollouts']} rollouts of <= {p['max_new_tokens']} "
+                     f"sampled tokens (temperature 1, generation batch {p['chunk_size']}), {p['ppo_epochs']} PPO "
+                     f"epochs of mini-batches of {p['mini_batch']}, fixed KL coefficient {p['kl_coef']}, reward "
+                     "model = a GPT-2 sequence classifier; TRL's value model is initialised from it (its own "
+                     "example's recipe), ours is a value head on the policy.")
+    lines += ["", "## Model-FLOPs utilisation of rlhf_cli's SFT step", "",
+              f"Matmul peak measured in the same run: {peak:.1f} GFLOP/s (fp32, one thread, best of 256/512/1024 "
+              "square matmuls). Model FLOPs per token = 6 x (block + LM-head parameters) + causal attention.", ""]
+    for size, v in mfu.items():
+        lines.append(f"- {size}: {v['tokens_per_s']:.0f} tokens/s x {v['flops_per_token'] / 1e6:.2f} MFLOP/token = "
+                     f"{v['gflops']:.2f} GFLOP/s = **{100 * v['mfu']:.0f}% MFU**")
+    lines += ["", "## Commands", "", "```",
+              "make bench                                  # everything below, then this file",
+              "python benchmarks/workload.py .bench/work   # the workloads (model, tokenizer, data) only",
+              "python benchmarks/ours.py --spec .bench/work/tiny/spec.json --method dpo --out ours.json",
+              "python benchmarks/trl_side.py --spec .bench/work/tiny/spec.json --method dpo --out trl.json",
+              ".bench/trl112/bin/python benchmarks/trl_ppo.py --spec .bench/work/tiny/spec.json --out trl_ppo.json",
+              "```", "", "Per-run JSON and logs: `.bench/results/`."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="tiny,medium")
+    ap.add_argument("--methods", default="sft,rm,dpo,ppo")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", default=str(ROOT / ".bench"))
+    ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    work = Path(args.workdir)
+    res_dir = work / "results"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    log = res_dir / "runs.log"
+    log.write_text("")
+    sizes, methods = args.sizes.split(","), args.methods.split(",")
+
+    import torch
+    import transformers
+    import trl
+
+    import rlhf_cli
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+                "rlhf_cli": rlhf_cli.__version__}
+    ppo_python = trl112_python(work / "trl112") if "ppo" in methods else None
+    specs = {s: workload.build(work / "work", s) for s in sizes}
+    peak = matmul_peak()
+    print(f"matmul peak {peak:.1f} GFLOP/s (one thread)", flush=True)
+
+    results: dict = {}
+    for size in sizes:
+        spec_path = work / "work" / size / "spec.json"
+        for method in methods:
+            trl_run = (ppo_python, "trl_ppo.py") if method == "ppo" else (sys.executable, "trl_side.py")
+            pairs = []
+            for r in range(args.repeats):
+                sides = [("ours", (sys.executable, "ours.py")), ("trl", trl_run)]
+                pair = {}
+                for side, (py, script) in (sides if r % 2 == 0 else sides[::-1]):
+                    pair[side] = run_one(py, script, spec_path, method, res_dir / f"{size}_{method}_{side}_{r}.json", log)
+                pairs.append(pair)
+                print(f"{size:6s} {method:3s} repeat {r + 1}: ours {pair['ours']['throughput']:9.1f} "
+                      f"trl {pair['trl']['throughput']:9.1f} {UNITS[method]}  "
+                      f"ratio {pair['ours']['throughput'] / pair['trl']['throughput']:.2f}", flush=True)
+            results[(size, method)] = pairs
+    rows = summarize(results, methods)
+    mfu = {}
+    for r in rows:
+        if r["method"] == "sft":
+            fpt = model_flops_per_token(specs[r["size"]])
+            mfu[r["size"]] = {"tokens_per_s": r["ours"], "flops_per_token": fpt, "gflops": r["ours"] * fpt / 1e9,
+                              "mfu": r["ours"] * fpt / 1e9 / peak}
+    minutes = (time.perf_counter() - t_start) / 60
+    write_results(Path(args.out), rows, specs, peak, mfu, versions, args, minutes)
+    (res_dir / "summary.json").write_text(json.dumps({"rows": rows, "mfu": mfu, "peak_gflops": peak}, indent=1,
+                                                     default=str))
+    print(Path(args.out).read_text())
+    bad = [r for r in rows if r["problems"]]
+    if bad:
+        raise SystemExit(f"the two sides did different work in {len(bad)} cell(s); see {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""rlhf_cli's side of one benchmark run: the stage's own command (`rlhf sft|train-rm|dpo|ppo`) on a
+workload from workload.py, in this process with one thread; the timing is the stage's own
+`train_loop` record (rlhf_stage.json), the first-step loss its metrics.jsonl.
+
+    python benchmarks/ours.py --spec WORK/tiny/spec.json --method sft --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+STAGE = {"sft": "sft", "rm": "train-rm", "dpo": "dpo", "ppo": "ppo"}
+
+
+def stage_config(spec: dict, method: str, seed: int) -> dict:
+    m = spec[method]
+    # TRL's defaults where ours differ (AdamW betas, linear decay, no warmup); bf16 and gradient
+    # checkpointing off on both sides; no eval or checkpoint inside the timed loop
+    train = {"batch_size": m.get("batch_size", m.get("mini_batch")), "learning_rate": m["lr"], "scheduler": "linear",
+             "warmup_steps": 0, "warmup_ratio": 0.0, "weight_decay": 0.0, "adam_betas": [0.9, 0.999],
+             "max_grad_norm": 1.0, "mixed_precision": "no", "gradient_checkpointing": False,
+             "group_by_length": False, "log_interval": 1}
+    cfg = {"stage": method if method != "rm" else "rm", "seed": seed,
+           "model": {"name_or_path": spec["model_dir"]},
+           "data": {"source": spec[f"data_{'prompts' if method == 'ppo' else method}"],
+                    "max_length": spec["max_length"], "max_prompt_length": spec["max_prompt_length"]},
+           "train": train, "eval": {"at_start": False, "interval": 0, "num_samples": 1, "batch_size": 1},
+           "checkpoint": {"interval": 0}}
+    if method in ("sft", "rm", "dpo"):
+        train["max_steps"] = m["steps"]
+    if method == "rm":
+        cfg.update(init_from=spec["rm_dir"], freeze_fraction=0.0, loss={"use_margin": False, "center_coef": 0.0})
+    if method == "dpo":
+        cfg.update(policy=spec["model_dir"], precompute_ref_logps=False,
+                   loss={"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": 0.0})
+    if method == "ppo":
+        cfg["data"]["max_examples"] = m["rollouts"] * m["iterations"]
+        train["epochs"] = 1
+        train["scheduler"] = "linear"
+        gen = {"max_new_tokens": m["max_new_tokens"], "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        cfg.update(policy=spec["model_dir"], reward={"ckpt": spec["rm_dir"], "delta": False},
+                   ppo={"num_rollouts": m["rollouts"], "chunk_size": m["chunk_size"], "ppo_epochs": m["ppo_epochs"],
+                        "init_kl_coef": m["kl_coef"], "target": None, "gamma": 1.0, "lam": 0.95, "cliprange": 0.2,
+                        "cliprange_value": 0.2, "vf_coef": 0.1, "cliprange_reward": None, "scale_reward": "none",
+                        "generation": gen})
+        cfg["eval"]["generation"] = gen
+    return cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--method", required=True, choices=list(STAGE))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    spec = json.loads(Path(args.spec).read_text())
+
+    import yaml
+
+    from rlhf_cli import cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path, out = Path(tmp) / "stage.yaml", Path(tmp) / "run"
+        cfg_path.write_text(yaml.safe_dump(stage_config(spec, args.method, args.seed)))
+        sys.argv = ["rlhf", STAGE[args.method], "--config", str(cfg_path), "--output-dir", str(out)]
+        try:
+            cli.main()
+        except SystemExit as e:
+            if e.code:
+                raise
+        manifest = json.loads((out / "rlhf_stage.json").read_text())
+        first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    loop = manifest["train_loop"]
+    unit = {"sft": "tokens", "rm": "pairs", "dpo": "pairs", "ppo": "episodes"}[args.method]
+    work = loop["tokens"] if unit == "tokens" else loop["pairs" if unit == "pairs" else "episodes"]
+    result = {"side": "ours", "method": args.method, "optimizer_steps": loop["optimizer_steps"],
+              "tokens": loop["tokens"], "work": work, "unit": f"{unit}/s", "loop_seconds": loop["seconds"],
+              "throughput": work / loop["seconds"],
+              "first_loss": first.get("train/loss", first.get("train/policy_loss")),
+              "first_logps_chosen": first.get("train/logps/chosen")}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
