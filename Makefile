@@ -2,13 +2,14 @@
 #   make summarize-pipeline     the "Learning to summarize" recipe (tiny preset: CPU, minutes)
 #   make hh-pipeline            SFT, PPO, ILQL and DPO on HH dialogues, compared in one table
 #   make test                   the fast test suite (what CI runs)
+#   make bench                  rlhf_cli against TRL on identical work -> benchmarks/RESULTS.md (~20 min)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RLHF   := $(VENV)/bin/rlhf
 PRESET ?= tiny
 RUNS   ?= runs/$(PRESET)
 
-.PHONY: install test test-slow lint summarize-pipeline hh-pipeline clean
+.PHONY: install test test-slow lint bench summarize-pipeline hh-pipeline clean
 
 # torch first and pinned: 2.13.0 has a CPU wheel on the build machines; a bare `torch`
 # requirement would pull several GB of CUDA packages.
@@ -21,13 +22,19 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 lint: install
-	$(VENV)/bin/ruff check --select F src tests
+	$(VENV)/bin/ruff check --select F src tests benchmarks
 
 test: install lint
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
 
 test-slow: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m slow
+
+# Not part of `make test`: TRL 1.16 (the `bench` extra) joins .venv; bench.py makes .bench/trl112 (TRL
+# 1.12, the last with PPO) and the workloads, runs every cell A/B and rewrites benchmarks/RESULTS.md.
+bench: install
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) benchmarks/bench.py
 
 # sft -> train-rm -> ppo -> eval (SFT and PPO side by side). --resume makes a rerun skip a complete
 # stage whose config is unchanged and continue an interrupted one; eval reuses an up-to-date report.
@@ -58,4 +65,4 @@ hh-pipeline: install
 		--output-dir $(HH)/eval
 
 clean:
-	rm -rf runs
+	rm -rf runs .bench

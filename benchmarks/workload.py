@@ -29,7 +29,7 @@ SIZES = {
         "sft": {"batch_size": 8, "steps": 40, "lr": 1e-3},
         "rm": {"batch_size": 8, "steps": 30, "lr": 1e-4},
         "dpo": {"batch_size": 8, "steps": 20, "lr": 1e-4},
-        "ppo": {"rollouts": 32, "iterations": 2, "mini_batch": 8, "ppo_epochs": 2, "max_new_tokens": 24,
+        "ppo": {"rollouts": 32, "iterations": 4, "mini_batch": 8, "ppo_epochs": 2, "max_new_tokens": 24,
                 "chunk_size": 16, "lr": 1e-5, "kl_coef": 0.05},
     },
     "medium": {
@@ -98,8 +98,10 @@ def build(workdir: Path, size_name: str, seed: int = 0) -> dict:
     size = SIZES[size_name]
     root = workdir / size_name
     spec_path = root / "spec.json"
-    if spec_path.exists():
-        return json.loads(spec_path.read_text())
+    if spec_path.exists():  # reused unless SIZES changed since it was built
+        spec = json.loads(spec_path.read_text())
+        if all(spec.get(k) == v for k, v in size.items()):
+            return spec
     root.mkdir(parents=True, exist_ok=True)
     sft_raw, pair_raw = _posts()
     tok = train_tokenizer([p + c for p, c in sft_raw], size["vocab_size"], size["max_length"])

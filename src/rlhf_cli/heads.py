@@ -256,9 +256,13 @@ class PooledReward(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids=None, attention_mask=None, shared=None):
+        """Rewards of the rows of `input_ids`, or of the completions of a `shared_prompt.Shared` batch."""
         from .models import sequence_rewards
+        from .shared_prompt import completion_rewards
 
+        if shared is not None:
+            return completion_rewards(self.model, shared)
         return sequence_rewards(self.model, input_ids, attention_mask)
 
     def save_pretrained(self, dest, state_dict=None, safe_serialization=True, **kw):

@@ -69,15 +69,21 @@ def collate_sft(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def sequence_ids(tokenizer, prompt: str, completion: str, max_length: int, max_prompt_length: int) -> list[int]:
     """Token ids of prompt + completion for scoring: the prompt truncated (separator kept), then
     the completion cut to fit `max_length`. No EOS: the score is read at the last real token."""
+    return sequence_parts(tokenizer, prompt, completion, max_length, max_prompt_length)[0]
+
+
+def sequence_parts(tokenizer, prompt: str, completion: str, max_length: int,
+                   max_prompt_length: int) -> tuple[list[int], int]:
+    """`sequence_ids` and how many of them are the prompt's."""
     if not prompt:
         ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        return ids[-max_length:] if completion.lstrip().startswith("Human:") else ids[:max_length]
+        return (ids[-max_length:] if completion.lstrip().startswith("Human:") else ids[:max_length]), 0
     from .formats import join_text
 
     completion = join_text(prompt, completion)[len(prompt):]
     prompt_ids, _ = encode_prompt(tokenizer, prompt, max_prompt_length)
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    return (prompt_ids + completion_ids)[:max_length]
+    return (prompt_ids + completion_ids)[:max_length], min(len(prompt_ids), max_length)
 
 
 def collate_pairs(chosen: list[list[int]], rejected: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

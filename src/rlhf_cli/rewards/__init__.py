@@ -45,14 +45,14 @@ class CheckpointReward:
         import torch
         from transformers import AutoModelForSequenceClassification
 
-        from ..models import expect_kind, load_tokenizer
+        from ..models import expect_kind, fuse_gelu, load_tokenizer
 
         p = Path(path).expanduser()
         if not p.exists():
             raise UserError(f"reward checkpoint {path} does not exist")
         expect_kind(p, "reward", "--reward-ckpt")
         self.tokenizer = load_tokenizer(str(p))
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(p)).eval()
+        self.model = fuse_gelu(AutoModelForSequenceClassification.from_pretrained(str(p)).eval())
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         self.batch_size, self.max_length = batch_size, max_length

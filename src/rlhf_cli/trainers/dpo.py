@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ck
+from .. import shared_prompt
 from ..data.sources import PairData, load_pair_data
 from ..data.tokenize import collate_sft, sft_features
 from ..errors import UserError
@@ -38,8 +39,20 @@ def featurize(tok, pairs, data_cfg) -> list[dict]:
     return [{"chosen": f(e.prompt, e.chosen), "rejected": f(e.prompt, e.rejected)} for e in pairs]
 
 
-def batch_logps(model, tok, chunk: list[dict], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward pass over chosen + rejected: (B,) summed logps and (B,) token counts of each."""
+def _prompt_len(f: dict) -> int:
+    return next((i for i, x in enumerate(f["labels"]) if x != -100), len(f["labels"]))
+
+
+def batch_logps(model, tok, chunk: list[dict], device,
+                share: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B,) summed logps and (B,) token counts of chosen and of rejected: the shared prompt once, then
+    both completions on its keys/values (`share`), else one pass over chosen + rejected concatenated."""
+    if share:
+        s = shared_prompt.split([[f["chosen"]["input_ids"], f["rejected"]["input_ids"]] for f in chunk],
+                                [_prompt_len(f["chosen"]) for f in chunk], tok.pad_token_id)
+        if s is not None:
+            logps, n = shared_prompt.completion_logps(model, s.to(device))
+            return logps[0::2], logps[1::2], n[0::2], n[1::2]
     b = collate_sft([f["chosen"] for f in chunk] + [f["rejected"] for f in chunk], tok.pad_token_id)
     logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
     logps, n = sequence_logps(logits, b["labels"].to(device))
@@ -48,7 +61,7 @@ def batch_logps(model, tok, chunk: list[dict], device) -> tuple[torch.Tensor, to
 
 
 def reference_logps(ref, tok, feats: list[dict], batch_size: int, device, progress=None,
-                    batches: list[list[int]] | None = None) -> torch.Tensor:
+                    batches: list[list[int]] | None = None, share: bool = True) -> torch.Tensor:
     """(N, 2) reference log-probs [chosen, rejected] of every pair, no grad.
 
     `batches` (index lists) fixes which pairs share a forward pass: given the training run's own
@@ -62,7 +75,7 @@ def reference_logps(ref, tok, feats: list[dict], batch_size: int, device, progre
     task = progress.add_task("reference log-probs", total=len(feats), info="") if progress is not None else None
     with torch.inference_mode():
         for idx in groups:
-            c, r, _, _ = batch_logps(ref, tok, [feats[i] for i in idx], device)
+            c, r, _, _ = batch_logps(ref, tok, [feats[i] for i in idx], device, share)
             out[idx] = torch.stack([c, r], dim=-1).float().cpu()
             if task is not None:
                 progress.advance(task, len(idx))
@@ -92,7 +105,8 @@ def cached_reference(cfg, data, tok, policy, feats, feats_eval, device, console,
     from safetensors.torch import load_file, save_file
 
     batches = [batcher.indices(p) for p in range(batcher.batches_per_epoch)]
-    batching = json.dumps([cfg.seed, cfg.train.batch_size, batcher.world_size, batcher.rank, cfg.train.group_by_length])
+    batching = json.dumps([cfg.seed, cfg.train.batch_size, batcher.world_size, batcher.rank, cfg.train.group_by_length,
+                           cfg.share_prompt])
     root = Path(cfg.ref_cache_dir or Path.home() / ".cache" / "rlhf_cli" / "ref_logps").expanduser()
     path = root / f"{cache_key(cfg, data, tok, _policy_source(cfg), batching)}.safetensors"
     if path.exists():
@@ -100,10 +114,10 @@ def cached_reference(cfg, data, tok, policy, feats, feats_eval, device, console,
         if t["train"].shape[0] == len(feats) and t["eval"].shape[0] == len(feats_eval):
             console.print(f"  reference log-probs from the cache {path}")
             return t["train"], t["eval"]
-    train = reference_logps(policy, tok, feats, cfg.eval.batch_size, device, progress, batches)
+    train = reference_logps(policy, tok, feats, cfg.eval.batch_size, device, progress, batches, cfg.share_prompt)
     held = reference_logps(policy, tok, feats_eval, cfg.eval.batch_size, device, progress,
                            [list(range(i, min(len(feats_eval), i + cfg.eval.batch_size)))
-                            for i in range(0, len(feats_eval), cfg.eval.batch_size)])
+                            for i in range(0, len(feats_eval), cfg.eval.batch_size)], cfg.share_prompt)
     root.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file({"train": train, "eval": held}, str(tmp))
@@ -144,11 +158,11 @@ def evaluate(model, ref, ref_eval, tok, data: PairData, feats_eval, cfg, device,
         with torch.no_grad():
             for i in range(0, n, cfg.eval.batch_size):
                 chunk = feats_eval[i: min(n, i + cfg.eval.batch_size)]
-                pw, pl, nw, nl = batch_logps(model, tok, chunk, device)
+                pw, pl, nw, nl = batch_logps(model, tok, chunk, device, cfg.share_prompt)
                 if ref_eval is not None:
                     rw, rl = ref_eval[i: i + len(chunk), 0].to(device), ref_eval[i: i + len(chunk), 1].to(device)
                 else:
-                    rw, rl, _, _ = batch_logps(ref, tok, chunk, device)
+                    rw, rl, _, _ = batch_logps(ref, tok, chunk, device, cfg.share_prompt)
                 for acc_, v in zip((pws, pls, rws, rls, nws, nls), (pw, pl, rw, rl, nw, nl)):
                     acc_.append(v)
         model.train(was)
@@ -257,13 +271,13 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
                 chunk = [feats[i] for i in idx]
                 # 2. policy log-probs: chosen and rejected in one forward pass
                 with acc.autocast():
-                    pw, pl, nw, nl = batch_logps(model, tok, chunk, acc.device)
+                    pw, pl, nw, nl = batch_logps(model, tok, chunk, acc.device, cfg.share_prompt)
                 # 3. reference log-probs
                 if ref_train is not None:
                     rw, rl = ref_train[idx, 0].to(acc.device), ref_train[idx, 1].to(acc.device)
                 else:
                     with torch.inference_mode(), acc.autocast():
-                        rw, rl, _, _ = batch_logps(ref, tok, chunk, acc.device)
+                        rw, rl, _, _ = batch_logps(ref, tok, chunk, acc.device, cfg.share_prompt)
                     rw, rl = rw.clone(), rl.clone()
                 out_ = _loss(cfg, pw, pl, rw, rl, nw, nl)
                 # 4. backward: mean over the pairs of the whole optimizer step

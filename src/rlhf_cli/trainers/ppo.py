@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ck
+from .. import sampling
 from ..data import formats
 from ..data.sources import load_formatted
 from ..data.tokenize import encode_prompt, pad_left, pad_right
@@ -42,6 +43,7 @@ class PromptData:
     fmt: str
     fingerprint: str
     notes: list[str]
+    train_ids: list[list[int]] | None = None  # the train prompts tokenized once, before the loop
 
 
 def load_prompts(cfg) -> PromptData:
@@ -327,6 +329,7 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
     tok, policy = _load_policy(cfg, src)
     _check_lengths(cfg, policy)
     disable_dropout(policy)
+    data.train_ids = [encode_prompt(tok, p, cfg.data.max_prompt_length)[0] for p, _ in data.train]
     _freeze(policy, P.num_layers_unfrozen)
     model = PolicyWithValueHead(policy)
     model.load_value_head(Path(src).expanduser())  # continuing from a PPO checkpoint keeps its value head
@@ -490,10 +493,15 @@ def collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, 
         idx = prompt_batches.indices(state["prompt_position"])[: num_rollouts - len(queries)]
         state["prompt_position"] += 1
         chunk = [data.train[i] for i in idx]
-        q = [encode_prompt(tok, p, cfg.data.max_prompt_length)[0] for p, _ in chunk]
+        q = ([data.train_ids[i] for i in idx] if data.train_ids is not None
+             else [encode_prompt(tok, p, cfg.data.max_prompt_length)[0] for p, _ in chunk])
         t = time.perf_counter()
-        r = generate(core.policy, tok, q, P.generation, len(q), None, stop_sequences=P.stop_sequences, keep_eos=True,
-                     synced_gpus=synced)
+        # old log-probs and values come with the samples; under ZeRO-3 (every process steps until all
+        # are done) HF generate samples and a forward pass scores
+        s = None if synced else sampling.sample(core, tok, q, P.generation, P.stop_sequences)
+        r = s.responses if s is not None else generate(core.policy, tok, q, P.generation, len(q), None,
+                                                       stop_sequences=P.stop_sequences, keep_eos=True,
+                                                       synced_gpus=synced)
         timings["generate"] += time.perf_counter() - t
         txt = tok.batch_decode(r, skip_special_tokens=True)
         t = time.perf_counter()
@@ -504,16 +512,17 @@ def collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, 
         timings["score"] += time.perf_counter() - t
         t = time.perf_counter()
         b = collate(q, r, tok.pad_token_id, device)
-        logits, values = response_outputs(core, b)
         R = b.responses.shape[1]
-        lp = L.token_logprobs(logits, b.responses)
+        if s is None:
+            logits, values = response_outputs(core, b)
+            lp = L.token_logprobs(logits, b.responses)
         ref = L.token_logprobs(reference.logits(b.input_ids, b.attention_mask, R + 1)[:, :-1], b.responses)
         timings["forward"] += time.perf_counter() - t
         for j in range(len(q)):
             n = len(r[j])
-            lps.append(lp[j, :n].float())
+            lps.append(s.logprobs[j].to(device) if s is not None else lp[j, :n].float())
             refs_lp.append(ref[j, :n].float())
-            vals.append(values[j, :n].float())
+            vals.append(s.values[j].to(device) if s is not None else values[j, :n].float())
         queries += q
         responses += r
         texts += txt

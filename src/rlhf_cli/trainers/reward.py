@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ck
+from .. import shared_prompt
 from ..data import formats
 from ..data.sources import PairData, load_pair_data
-from ..data.tokenize import collate_pairs, sequence_ids
+from ..data.tokenize import collate_pairs, sequence_parts
 from ..errors import UserError
 from ..eval.metrics import mean_and_stderr
 from ..losses.reward import pairwise_loss
@@ -26,25 +27,42 @@ from . import common
 
 
 def featurize(tok, pairs: list[formats.PairExample], data_cfg) -> list[dict]:
-    def ids(p, c):
-        return sequence_ids(tok, p, c, data_cfg.max_length, data_cfg.max_prompt_length)
-    return [{"chosen": ids(e.prompt, e.chosen), "rejected": ids(e.prompt, e.rejected),
-             "margin": float(e.meta["gold_chosen"] - e.meta["gold_rejected"]) if "gold_chosen" in e.meta
-             else float(e.meta.get("margin", 0.0))} for e in pairs]
+    out = []
+    for e in pairs:
+        chosen, n = sequence_parts(tok, e.prompt, e.chosen, data_cfg.max_length, data_cfg.max_prompt_length)
+        rejected, _ = sequence_parts(tok, e.prompt, e.rejected, data_cfg.max_length, data_cfg.max_prompt_length)
+        out.append({"chosen": chosen, "rejected": rejected, "prompt_len": n,
+                    "margin": float(e.meta["gold_chosen"] - e.meta["gold_rejected"]) if "gold_chosen" in e.meta
+                    else float(e.meta.get("margin", 0.0))})
+    return out
 
 
-def score_pairs(model, tok, feats: list[dict], batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_rewards(model, tok, chunk: list[dict], device, share: bool, pooled: bool = False):
+    """(B,), (B,) rewards of chosen and rejected: the shared prompt once, then both completions on its
+    keys/values (`share`), else one pass over chosen + rejected. `pooled`: `model` is a PooledReward."""
+    s = shared_prompt.split([[f["chosen"], f["rejected"]] for f in chunk], [f["prompt_len"] for f in chunk],
+                            tok.pad_token_id) if share else None
+    if s is not None:
+        s = s.to(device)
+        r = model(shared=s) if pooled else shared_prompt.completion_rewards(model, s)
+        return r[0::2], r[1::2]
+    b = collate_pairs([f["chosen"] for f in chunk], [f["rejected"] for f in chunk], tok.pad_token_id)
+    ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+    r = model(ids, mask) if pooled else sequence_rewards(model, ids, mask)
+    return r[: len(chunk)], r[len(chunk):]
+
+
+def score_pairs(model, tok, feats: list[dict], batch_size: int, device,
+                share: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,), (N,) rewards of chosen and rejected, no grad."""
     was_training = model.training
     model.eval()
     rc, rr = [], []
     with torch.no_grad():
         for i in range(0, len(feats), batch_size):
-            chunk = feats[i: i + batch_size]
-            b = collate_pairs([f["chosen"] for f in chunk], [f["rejected"] for f in chunk], tok.pad_token_id)
-            r = sequence_rewards(model, b["input_ids"].to(device), b["attention_mask"].to(device))
-            rc.append(r[: len(chunk)])
-            rr.append(r[len(chunk):])
+            c, r = pair_rewards(model, tok, feats[i: i + batch_size], device, share)
+            rc.append(c)
+            rr.append(r)
     model.train(was_training)
     return torch.cat(rc).cpu(), torch.cat(rr).cpu()
 
@@ -55,7 +73,7 @@ def evaluate(model, tok, feats: list[dict], pairs: list[formats.PairExample], cf
     feats, pairs = feats[: cfg.eval.num_samples], pairs[: cfg.eval.num_samples]
     if not feats:
         return {}
-    rc, rr = score_pairs(model, tok, feats, cfg.eval.batch_size, device)
+    rc, rr = score_pairs(model, tok, feats, cfg.eval.batch_size, device, cfg.share_prompt)
     out = pairwise_loss(rc, rr)
     acc_mean, acc_se = mean_and_stderr(out.accuracy.tolist())
     metrics = {
@@ -185,19 +203,18 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
             n_pairs = sum(len(b) for b in batches)
             loss_total, correct, margin_sum = 0.0, 0.0, 0.0
             for j, chunk in enumerate(batches):
-                b = collate_pairs([f["chosen"] for f in chunk], [f["rejected"] for f in chunk], tok.pad_token_id)
-                # 2. one forward pass scores chosen (first half) and rejected (second half)
+                # 2. score chosen and rejected: their shared prompt once, or one concatenated pass
                 with acc.autocast():
-                    r = model(b["input_ids"].to(acc.device), b["attention_mask"].to(acc.device))
+                    rc, rr = pair_rewards(model, tok, chunk, acc.device, cfg.share_prompt, pooled=True)
                 margin = torch.tensor([f["margin"] for f in chunk], device=acc.device) if cfg.loss.use_margin else None
-                out_ = pairwise_loss(r[: len(chunk)], r[len(chunk):], margin, cfg.loss.center_coef)
+                out_ = pairwise_loss(rc, rr, margin, cfg.loss.center_coef)
                 # 3. backward: mean over the pairs of the whole optimizer step
                 loss = out_.losses.sum() / n_pairs
                 common.backward(acc, loss, cfg.train.gradient_accumulation_steps, last=j == len(batches) - 1)
                 loss_total += loss.item()
                 correct += out_.accuracy.sum().item()
                 margin_sum += out_.margin.sum().item()
-                state["tokens"] += int(b["attention_mask"].sum())
+                state["tokens"] += sum(len(f["chosen"]) + len(f["rejected"]) for f in chunk)
             # 4. clip and step
             loss_total = common.all_reduce(loss_total)
             grad_norm = common.optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm,

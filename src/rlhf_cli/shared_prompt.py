@@ -1,0 +1,93 @@
+"""Prefix sharing: one forward pass over a prompt that several completions share (a preference
+pair's chosen and rejected), whose keys and values every completion then attends to.
+
+A pair costs P + 2C token-passes instead of 2(P + C): on TL;DR (P ~ 4C) 40% less work for the
+reward model and DPO, with the same result up to float rounding. Gradients flow back through the
+cached keys and values into the prompt pass. Prompts are left-padded (position ids count real
+tokens only, as in generation), completions right-padded after them.
+
+Both passes go through the model's own forward, so DDP / DeepSpeed see ordinary forward calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data.tokenize import pad_left, pad_right
+
+
+@dataclass
+class Shared:
+    prompt_ids: torch.Tensor       # (B, Tp) left-padded
+    prompt_mask: torch.Tensor      # (B, Tp)
+    completion_ids: torch.Tensor   # (B*k, Tc) right-padded; row b*k + j is completion j of prompt b
+    completion_mask: torch.Tensor  # (B*k, Tc)
+    k: int
+
+    def to(self, device) -> "Shared":
+        return Shared(self.prompt_ids.to(device), self.prompt_mask.to(device), self.completion_ids.to(device),
+                      self.completion_mask.to(device), self.k)
+
+
+def split(groups: list[list[list[int]]], prompt_lens: list[int], pad_id: int) -> Shared | None:
+    """`groups[b]`: k token lists that all start with the same `prompt_lens[b]` prompt tokens.
+
+    None when that does not hold for every group (different prompts, an empty prompt or an empty
+    completion): the caller then runs the plain concatenated forward.
+    """
+    k = len(groups[0])
+    prompts, completions = [], []
+    for seqs, n in zip(groups, prompt_lens):
+        if n < 1 or len(seqs) != k or any(len(s) <= n or s[:n] != seqs[0][:n] for s in seqs):
+            return None
+        prompts.append(seqs[0][:n])
+        completions += [s[n:] for s in seqs]
+    p = pad_left(prompts, pad_id)
+    c = pad_right(completions, pad_id)
+    pm = pad_left([[1] * len(x) for x in prompts], 0)
+    cm = pad_right([[1] * len(x) for x in completions], 0)
+    return Shared(p, pm, c, cm, k)
+
+
+def _completion_pass(fwd, s: Shared, past):
+    """The completions' forward, attending to the (repeated) prompt keys/values."""
+    k = s.k
+    past.batch_repeat_interleave(k)
+    prompt_mask = s.prompt_mask.repeat_interleave(k, 0)
+    start = prompt_mask.sum(1, keepdim=True)  # each completion continues its prompt's positions
+    positions = start + torch.arange(s.completion_ids.shape[1], device=start.device)
+    # padding after a short completion would run past the model's positions: it is masked anyway
+    positions = positions.masked_fill(s.completion_mask == 0, 0)
+    return fwd(input_ids=s.completion_ids, attention_mask=torch.cat([prompt_mask, s.completion_mask], 1),
+               position_ids=positions, past_key_values=past, use_cache=True)
+
+
+def _prompt_positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_logps(model, s: Shared) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B*k,) summed log-probs of each completion under a causal LM, and (B*k,) token counts."""
+    out = model(input_ids=s.prompt_ids, attention_mask=s.prompt_mask, position_ids=_prompt_positions(s.prompt_mask),
+                use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1:].repeat_interleave(s.k, 0)  # predicts each completion's first token
+    rest = _completion_pass(model, s, out.past_key_values).logits[:, :-1]
+    logits = torch.cat([first, rest], 1).float()  # (B*k, Tc, V): row t predicts completion token t
+    token = torch.gather(F.log_softmax(logits, -1), 2, s.completion_ids.unsqueeze(-1)).squeeze(-1)
+    mask = s.completion_mask.bool()
+    return (token * mask).sum(-1), mask.sum(-1)
+
+
+def completion_rewards(model, s: Shared) -> torch.Tensor:
+    """(B*k,) scalar reward of each prompt + completion of a sequence classifier (`model.score`), read
+    at the completion's last token."""
+    base = model.base_model
+    out = base(input_ids=s.prompt_ids, attention_mask=s.prompt_mask, position_ids=_prompt_positions(s.prompt_mask),
+               use_cache=True)
+    hidden = _completion_pass(base, s, out.past_key_values).last_hidden_state  # (B*k, Tc, H)
+    last = s.completion_mask.sum(1) - 1
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return model.score(pooled).squeeze(-1).float()

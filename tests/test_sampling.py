@@ -1,0 +1,70 @@
+"""PPO's one-pass rollouts: the draw follows the distribution, filtering keeps what it should, and
+the old log-probs and values that come with the samples are what a full forward pass computes."""
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from rlhf_cli import sampling
+from rlhf_cli.config import GenerationConfig
+from rlhf_cli.heads import PolicyWithValueHead
+from rlhf_cli.losses.ppo import token_logprobs
+from rlhf_cli.trainers.ppo import collate, response_outputs
+
+
+def test_draw_follows_the_probabilities_and_never_picks_an_impossible_token():
+    torch.manual_seed(0)
+    p = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    n = 40000
+    counts = torch.bincount(sampling.draw(p.repeat(n, 1)), minlength=6).double()
+    assert counts[[0, 2, 5]].sum() == 0
+    sigma = (n * p * (1 - p)).sqrt()
+    assert ((counts - n * p).abs() <= 4 * sigma + 1e-9).all(), counts
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]]))
+    kept = lambda x: torch.isfinite(x)[0].tolist()  # noqa: E731
+    assert kept(sampling.filter_logits(logits, 2, 1.0)) == [False, True, False, True, False]
+    # nucleus 0.8: 0.4 + 0.3 = 0.7 < 0.8, so 0.15 joins; 0.1 and 0.05 do not
+    assert kept(sampling.filter_logits(logits, 0, 0.8)) == [False, True, False, True, True]
+    assert kept(sampling.filter_logits(logits, 0, 0.1)) == [False, True, False, False, False]  # at least one
+
+
+class _Tok:
+    eos_token_id, pad_token_id = 1, 0
+
+
+def test_logprobs_and_values_equal_a_forward_pass_over_the_samples():
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=2, n_head=4, pad_token_id=0,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    core = PolicyWithValueHead(GPT2LMHeadModel(cfg)).eval()
+    torch.nn.init.normal_(core.value_head[2].weight)  # non-zero values, so the check means something
+    with torch.no_grad():
+        core.policy.transformer.wte.weight[1] *= 3  # EOS likely enough that some rows end early
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]] * 3
+    gen = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    s = sampling.sample(core, _Tok(), prompts, gen)
+    assert any(r[-1] == 1 for r in s.responses) and any(len(r) == 12 and 1 not in r for r in s.responses)
+    b = collate(prompts, s.responses, 0, "cpu")
+    with torch.no_grad():
+        logits, values = response_outputs(core, b)
+        lp = token_logprobs(logits, b.responses)
+    for j, r in enumerate(s.responses):
+        assert 1 not in r[:-1]  # nothing after EOS
+        torch.testing.assert_close(s.logprobs[j], lp[j, :len(r)], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(s.values[j], values[j, :len(r)], rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_stops_when_every_row_has_ended():
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=1, n_head=4, pad_token_id=0)
+    core = PolicyWithValueHead(GPT2LMHeadModel(cfg)).eval()
+    calls = []
+    core.policy.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        core.policy.lm_head.weight[1] += 100 * core.policy.lm_head.weight[1].sign()  # EOS almost surely
+    gen = GenerationConfig(max_new_tokens=50, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    s = sampling.sample(core, _Tok(), [[5, 6], [7, 8, 9]], gen)
+    assert all(r[-1] == 1 for r in s.responses)
+    assert len(calls) <= max(len(r) for r in s.responses) < 50  # no forward after the last EOS
