@@ -151,7 +151,19 @@ def write_results(path: Path, rows: list[dict], specs: dict, peak: float, mfu: d
         lines.append(f"| {r['size']} | {NAMES[r['method']]} | {UNITS[r['method']]} | {r['ours']:.1f} | {r['trl']:.1f} | "
                      f"**{r['ratio']:.2f}x** ({r['min']:.2f}–{r['max']:.2f}) | "
                      f"{f'{target:.1f}x' if target else '–'}{' met' if target and r['ratio'] >= target else (' MISSED' if target else '')} | {ok} |")
-    lines += ["", "## Workloads", ""]
+    lines += ["", "## Where the differences come from (profiles of both sides)", "",
+              "- SFT: TRL 1.16 computes the loss with its chunked log-prob kernel (it saves logits memory and "
+              "recomputes each tile in the backward pass) and also the per-token entropy; at these sizes the "
+              "logits fit, so rlhf_cli materialises them once.",
+              "- Reward model and DPO: rlhf_cli runs each pair's prompt once and both replies on its cached "
+              "keys/values (`share_prompt`): P + 2C token-passes instead of TRL's 2(P + C); DPO computes LM-head "
+              "logits for reply tokens only, for the policy and the reference.",
+              "- PPO: TRL trains a separate value model (two trunks forward and backward per update) and "
+              "computes full-vocabulary logits over prompt and response; rlhf_cli's value head shares the "
+              "policy trunk, its logits cover response positions only, and the old log-probs and values come "
+              "from the sampling pass (no second policy pass).",
+              "- All stages: GPT-2's `gelu_new` runs as PyTorch's fused tanh GELU (`model.fuse_gelu`).",
+              "", "## Workloads", ""]
     for size, s in specs.items():
         m = s["model"]
         lines.append(f"- **{size}**: GPT-2, {m['n_layer']} layers, {m['n_embd']} wide, {m['n_head']} heads, "
@@ -171,7 +183,8 @@ def write_results(path: Path, rows: list[dict], specs: dict, peak: float, mfu: d
                      "example's recipe), ours is a value head on the policy.")
     lines += ["", "## Model-FLOPs utilisation of rlhf_cli's SFT step", "",
               f"Matmul peak measured in the same run: {peak:.1f} GFLOP/s (fp32, one thread, best of 256/512/1024 "
-              "square matmuls). Model FLOPs per token = 6 x (block + LM-head parameters) + causal attention.", ""]
+              "square matmuls). Model FLOPs per token = 6 x (block + LM-head parameters) + causal attention at the maximum length (an upper "
+              "bound).", ""]
     for size, v in mfu.items():
         lines.append(f"- {size}: {v['tokens_per_s']:.0f} tokens/s x {v['flops_per_token'] / 1e6:.2f} MFLOP/token = "
                      f"{v['gflops']:.2f} GFLOP/s = **{100 * v['mfu']:.0f}% MFU**")

@@ -33,7 +33,7 @@ def train_tokenizer(texts, vocab_size: int, model_max_length: int):
                                    unk_token=EOS, pad_token=PAD, model_max_length=model_max_length)
 
 
-def build_tiny(tiny_cfg, tokenizer, seed: int):
+def build_tiny(tiny_cfg, tokenizer, seed: int, fuse: bool = True):
     """A GPT-2-architecture causal LM built from `tiny_cfg` (no download)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -49,7 +49,8 @@ def build_tiny(tiny_cfg, tokenizer, seed: int):
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return fuse_gelu(GPT2LMHeadModel(config))
+        model = GPT2LMHeadModel(config)
+    return fuse_gelu(model) if fuse else model
 
 
 def read_model_config(path: Path) -> dict:
@@ -151,7 +152,7 @@ def load_policy(cfg, train_texts=None):
             if not train_texts:
                 raise UserError("the tiny model trains its tokenizer on the data, but there is no training text")
             tok = train_tokenizer(train_texts, cfg.tokenizer.vocab_size, cfg.model.tiny.n_positions)
-        model = build_tiny(cfg.model.tiny, tok, cfg.seed)
+        model = build_tiny(cfg.model.tiny, tok, cfg.seed, cfg.model.fuse_gelu)
         return tok, model
     tok = load_tokenizer(cfg.tokenizer.name_or_path or cfg.model.name_or_path, cfg.model.trust_remote_code,
                          cfg.model.revision)
@@ -196,16 +197,17 @@ def load_reward_model(name: str, model_cfg, tokenizer):
     return fuse_gelu(model) if model_cfg.fuse_gelu else model
 
 
-def build_tiny_reward(tiny_cfg, tokenizer, seed: int):
+def build_tiny_reward(tiny_cfg, tokenizer, seed: int, fuse: bool = True):
     """A tiny GPT-2 sequence classifier built from a config (no SFT parent)."""
     import torch
     from transformers import GPT2ForSequenceClassification
 
-    policy = build_tiny(tiny_cfg, tokenizer, seed)
+    policy = build_tiny(tiny_cfg, tokenizer, seed, fuse)
     policy.config.num_labels = 1
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return fuse_gelu(GPT2ForSequenceClassification(policy.config))
+        model = GPT2ForSequenceClassification(policy.config)
+    return fuse_gelu(model) if fuse else model
 
 
 def last_token_index(attention_mask):

@@ -100,7 +100,7 @@ def _load(cfg, data: PairData, resume_from: Path | None):
         texts = [formats.join_text(e.prompt, c) for e in data.train for c in (e.chosen, e.rejected)]
         tok = (load_tokenizer(cfg.tokenizer.name_or_path) if cfg.tokenizer.name_or_path
                else train_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.model.tiny.n_positions))
-        return tok, build_tiny_reward(cfg.model.tiny, tok, cfg.seed)
+        return tok, build_tiny_reward(cfg.model.tiny, tok, cfg.seed, cfg.model.fuse_gelu)
     local = Path(name).expanduser()
     if local.exists() and not (local / "config.json").exists():
         raise UserError(f"--init-from {name} is not a model checkpoint (no config.json)")
