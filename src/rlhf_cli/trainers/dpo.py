@@ -246,7 +246,10 @@ def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=N
             ref_train, ref_eval = cached_reference(cfg, data, tok, initial.eval(), feats, feats_eval, acc.device,
                                                    console, progress, batcher)
         else:
-            ref = copy.deepcopy(initial).eval().requires_grad_(False).to(acc.device)
+            # the copy keeps requires_grad (it never gets gradients: it runs under inference_mode): a
+            # weight's requires_grad picks torch's matmul path, and the same path as the policy's makes
+            # the step-0 log-ratios exactly 0 (a tie), not ~1e-6
+            ref = copy.deepcopy(initial).eval().to(acc.device)
         del initial
         model.train()
         model, optimizer = acc.prepare(model, optimizer)
