@@ -29,7 +29,7 @@ SIZES = {
         "sft": {"batch_size": 8, "steps": 40, "lr": 1e-3},
         "rm": {"batch_size": 8, "steps": 30, "lr": 1e-4},
         "dpo": {"batch_size": 8, "steps": 20, "lr": 1e-4},
-        "ppo": {"rollouts": 32, "iterations": 4, "mini_batch": 8, "ppo_epochs": 2, "max_new_tokens": 24,
+        "ppo": {"rollouts": 32, "iterations": 8, "mini_batch": 8, "ppo_epochs": 2, "max_new_tokens": 24,
                 "chunk_size": 16, "lr": 1e-5, "kl_coef": 0.05},
     },
     "medium": {
