@@ -2,7 +2,7 @@
 #   make summarize-pipeline     the "Learning to summarize" recipe (tiny preset: CPU, minutes)
 #   make hh-pipeline            SFT, PPO, ILQL and DPO on HH dialogues, compared in one table
 #   make test                   the fast test suite (what CI runs)
-#   make bench                  rlhf_cli against TRL on identical work -> benchmarks/RESULTS.md (~20 min)
+#   make bench                  rlhf_cli against TRL on identical work -> benchmarks/RESULTS.md (~12 min)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RLHF   := $(VENV)/bin/rlhf
