@@ -106,12 +106,12 @@ def matmul_peak() -> float:
 
 def model_flops_per_token(spec: dict) -> float:
     """Training FLOPs per token: 6 x (block + LM-head parameters) + attention (PaLM's 12·L·T·d)."""
-    m, d, L, T = spec["model"], spec["model"]["n_embd"], spec["model"]["n_layer"], spec["max_length"]
+    d, L, T = spec["model"]["n_embd"], spec["model"]["n_layer"], spec["max_length"]
     block = 12 * d * d + 13 * d  # qkv, proj, 4d MLP, norms
-    return 6 * (L * block + d * spec["vocab_size"]) + 12 * L * T * d / 2 + 0 * m["n_head"]  # causal: half of T
+    return 6 * (L * block + d * spec["vocab_size"]) + 12 * L * T * d / 2  # causal: half of T
 
 
-def summarize(results: dict, methods: list[str]) -> list[dict]:
+def summarize(results: dict) -> list[dict]:
     rows = []
     for (size, method), pairs in results.items():
         ours = [p["ours"]["throughput"] for p in pairs]
@@ -243,7 +243,7 @@ def main() -> None:
                       f"trl {pair['trl']['throughput']:9.1f} {UNITS[method]}  "
                       f"ratio {pair['ours']['throughput'] / pair['trl']['throughput']:.2f}", flush=True)
             results[(size, method)] = pairs
-    rows = summarize(results, methods)
+    rows = summarize(results)
     mfu = {}
     for r in rows:
         if r["method"] == "sft":

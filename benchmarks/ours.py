@@ -26,7 +26,7 @@ def stage_config(spec: dict, method: str, seed: int) -> dict:
              "warmup_steps": 0, "warmup_ratio": 0.0, "weight_decay": 0.0, "adam_betas": [0.9, 0.999],
              "max_grad_norm": 1.0, "mixed_precision": "no", "gradient_checkpointing": False,
              "group_by_length": False, "log_interval": 1}
-    cfg = {"stage": method if method != "rm" else "rm", "seed": seed,
+    cfg = {"stage": method, "seed": seed,
            "model": {"name_or_path": spec["model_dir"]},
            "data": {"source": spec[f"data_{'prompts' if method == 'ppo' else method}"],
                     "max_length": spec["max_length"], "max_prompt_length": spec["max_prompt_length"]},
