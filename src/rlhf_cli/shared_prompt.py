@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.tokenize import pad_left, pad_right
+from .heads import position_ids
 
 
 @dataclass
@@ -65,13 +66,9 @@ def _completion_pass(fwd, s: Shared, past):
                position_ids=positions, past_key_values=past, use_cache=True)
 
 
-def _prompt_positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def completion_logps(model, s: Shared) -> tuple[torch.Tensor, torch.Tensor]:
     """(B*k,) summed log-probs of each completion under a causal LM, and (B*k,) token counts."""
-    out = model(input_ids=s.prompt_ids, attention_mask=s.prompt_mask, position_ids=_prompt_positions(s.prompt_mask),
+    out = model(input_ids=s.prompt_ids, attention_mask=s.prompt_mask, position_ids=position_ids(s.prompt_mask),
                 use_cache=True, logits_to_keep=1)
     first = out.logits[:, -1:].repeat_interleave(s.k, 0)  # predicts each completion's first token
     rest = _completion_pass(model, s, out.past_key_values).logits[:, :-1]
@@ -85,7 +82,7 @@ def completion_rewards(model, s: Shared) -> torch.Tensor:
     """(B*k,) scalar reward of each prompt + completion of a sequence classifier (`model.score`), read
     at the completion's last token."""
     base = model.base_model
-    out = base(input_ids=s.prompt_ids, attention_mask=s.prompt_mask, position_ids=_prompt_positions(s.prompt_mask),
+    out = base(input_ids=s.prompt_ids, attention_mask=s.prompt_mask, position_ids=position_ids(s.prompt_mask),
                use_cache=True)
     hidden = _completion_pass(base, s, out.past_key_values).last_hidden_state  # (B*k, Tc, H)
     last = s.completion_mask.sum(1) - 1
