@@ -131,6 +131,8 @@ class EvalConfig(Section):
 class CheckpointConfig(Section):
     interval: int = Field(100, ge=0, description="Save a resumable checkpoint every N steps; 0: only at the end.")
     keep_last: int = Field(2, ge=1, description="Intermediate checkpoints kept (older ones deleted).")
+    save_best: bool = Field(True, description="Keep best/: the checkpoint of the best eval by the stage's metric "
+                            "(sft, dpo: eval/loss; train-rm: eval/accuracy; ppo: eval/reward); false saves disk.")
 
 
 class LoggingConfig(Section):

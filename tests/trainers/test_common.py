@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rlhf_cli.trainers.common import Batcher, lr_factor, total_steps
+from rlhf_cli.trainers.common import Batcher, make_scheduler, total_steps
 
 
 def test_batcher_is_deterministic_and_covers_each_example_once_per_epoch():
@@ -37,14 +37,28 @@ def test_ranks_get_disjoint_shards_of_one_global_batch():
         assert not set(r0.indices(p)) & set(r1.indices(p))
 
 
+def lrs(kind: str, total: int, warmup: int) -> list[float]:
+    from rlhf_cli.config import TrainConfig
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = make_scheduler(opt, TrainConfig(scheduler=kind, warmup_steps=warmup), total)
+    out = []
+    for _ in range(total):
+        out.append(sched.get_last_lr()[0])  # the rate the next optimizer step uses
+        opt.step()
+        sched.step()
+    return out
+
+
 def test_lr_schedule_by_hand():
-    # 2 warmup steps: 1/2, 2/2; then cosine over the remaining 8 steps from 1 down to 0
-    assert lr_factor(0, 10, 2, "cosine") == 0.5 and lr_factor(1, 10, 2, "cosine") == 1.0
-    assert lr_factor(2, 10, 2, "cosine") == 1.0
-    assert abs(lr_factor(6, 10, 2, "cosine") - 0.5) < 1e-12  # halfway: (1 + cos(pi/2)) / 2
-    assert abs(lr_factor(6, 10, 2, "linear") - 0.5) < 1e-12
-    assert lr_factor(10, 10, 2, "linear") == 0.0 and lr_factor(7, 10, 0, "constant") == 1.0
-    assert abs(lr_factor(4, 10, 2, "cosine") - 0.5 * (1 + math.cos(math.pi / 4))) < 1e-12
+    # transformers' warmup starts from 0: steps 0, 1 of 2 warmup steps use 0/2 and 1/2 of the peak
+    cos = lrs("cosine", 10, 2)
+    assert cos[:3] == [0.0, 0.5, 1.0]
+    assert abs(cos[6] - 0.5) < 1e-12  # halfway through the 8 decay steps: (1 + cos(pi/2)) / 2
+    assert abs(cos[4] - 0.5 * (1 + math.cos(math.pi / 4))) < 1e-12
+    assert abs(lrs("linear", 10, 2)[6] - 0.5) < 1e-12
+    assert lrs("constant", 10, 2)[1:] == [0.5] + [1.0] * 8
 
 
 def test_total_steps_from_epochs_and_accumulation():

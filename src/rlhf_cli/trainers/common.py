@@ -145,22 +145,14 @@ def make_optimizer(model, train_cfg) -> torch.optim.Optimizer:
                              fused=False, foreach=None)
 
 
-def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
-    """Multiplier of the peak LR at optimizer step `step` (0-based): linear warmup, then decay to 0."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if kind == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def make_scheduler(optimizer, train_cfg, total_steps: int):
+    """transformers' schedule: linear warmup from 0 over `warmup_steps` (or `warmup_ratio` of the steps),
+    then cosine or linear decay to 0, or constant."""
+    from transformers import get_scheduler
+
     warmup = train_cfg.warmup_steps or int(train_cfg.warmup_ratio * total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, train_cfg.scheduler))
+    name = {"constant": "constant_with_warmup"}.get(train_cfg.scheduler, train_cfg.scheduler)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 @dataclass

@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -23,9 +22,10 @@ from ..data.sources import PairData, load_pair_data
 from ..data.tokenize import collate_sft, sft_features
 from ..errors import UserError
 from ..eval.generation import generation_metrics
-from ..losses.dpo import DPOLoss, dpo_loss, sequence_logps
+from ..losses.dpo import dpo_loss, sequence_logps
 from ..models import check_policy_source, count_params, disable_dropout, load_trained_policy, max_positions
 from . import common
+from .loop import Micro, Stage, StepLoss, fit
 
 
 def _policy_source(cfg) -> str:
@@ -126,25 +126,25 @@ def cached_reference(cfg, data, tok, policy, feats, feats_eval, device, console,
     return train, held
 
 
-def pair_metrics(prefix: str, out, pw, pl) -> dict:
-    """TRL / AReaL metric names, means over the pairs."""
+def pair_sums(out, pw, pl) -> dict:
+    """TRL / AReaL metric names, summed over the pairs (divided by the pairs when logged)."""
+    chosen, rejected = out.chosen_rewards, out.rejected_rewards
     return {
-        f"{prefix}/loss": out.losses.mean().item(),
-        f"{prefix}/rewards/chosen": out.chosen_rewards.mean().item(),
-        f"{prefix}/rewards/rejected": out.rejected_rewards.mean().item(),
+        "loss": out.losses.detach().sum().item(),
+        "rewards/chosen": chosen.sum().item(),
+        "rewards/rejected": rejected.sum().item(),
         # a tie (policy == reference) prefers neither: it counts half, so accuracy starts at 0.5
-        f"{prefix}/rewards/accuracies": ((out.chosen_rewards > out.rejected_rewards).float()
-                                         + 0.5 * (out.chosen_rewards == out.rejected_rewards).float()).mean().item(),
-        f"{prefix}/rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean().item(),
-        f"{prefix}/logps/chosen": pw.detach().mean().item(),
-        f"{prefix}/logps/rejected": pl.detach().mean().item(),
+        "rewards/accuracies": ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).sum().item(),
+        "rewards/margins": (chosen - rejected).sum().item(),
+        "logps/chosen": pw.detach().sum().item(),
+        "logps/rejected": pl.detach().sum().item(),
     }
 
 
 def _loss(cfg, pw, pl, rw, rl, nw, nl):
-    L = cfg.loss
-    return dpo_loss(pw, pl, rw, rl, beta=L.beta, loss_type=L.loss_type, label_smoothing=L.label_smoothing,
-                    chosen_lengths=nw, rejected_lengths=nl, rpo_alpha=L.rpo_alpha)
+    opts = cfg.loss
+    return dpo_loss(pw, pl, rw, rl, beta=opts.beta, loss_type=opts.loss_type, label_smoothing=opts.label_smoothing,
+                    chosen_lengths=nw, rejected_lengths=nl, rpo_alpha=opts.rpo_alpha)
 
 
 def evaluate(model, ref, ref_eval, tok, data: PairData, feats_eval, cfg, device, progress) -> tuple[dict, list]:
@@ -167,7 +167,7 @@ def evaluate(model, ref, ref_eval, tok, data: PairData, feats_eval, cfg, device,
                     acc_.append(v)
         model.train(was)
         pw, pl, rw, rl, nw, nl = (torch.cat(v) for v in (pws, pls, rws, rls, nws, nls))
-        metrics = pair_metrics("eval", _loss(cfg, pw, pl, rw, rl, nw, nl), pw, pl)
+        metrics = {f"eval/{k}": v / len(pw) for k, v in pair_sums(_loss(cfg, pw, pl, rw, rl, nw, nl), pw, pl).items()}
     pairs = [e for e in data.eval if e.prompt][: cfg.eval.num_samples]
     gen, samples = generation_metrics(model, tok, [e.prompt for e in pairs], [e.chosen for e in pairs], cfg, progress)
     metrics.update(gen)
@@ -197,125 +197,83 @@ def plan(cfg, out: Path, world_size: int = 1) -> dict:
     return info
 
 
-def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=None) -> dict:
-    from rich.console import Console
+class DPOStage(Stage):
+    name, unit, throughput = "dpo", "pairs", "pairs"
+    best_metric, best_mode = "eval/loss", "min"
 
-    console = console or Console(stderr=True)
-    src = _policy_source(cfg)
-    check_policy_source(src, "dpo")
-    resume_from = ck.prepare_output(out, resume, overwrite)
-    acc = common.setup_accelerator(cfg)
-    rank, world_size = common.world(acc)
-    torch.manual_seed(cfg.seed)
+    @classmethod
+    def precheck(cls, cfg) -> None:
+        check_policy_source(_policy_source(cfg), "dpo")
 
-    # 1. data, policy, reference (always the initial policy, also when resuming)
-    data = load_pair_data(cfg, "dpo")
-    tok, model = _load_policy(cfg, str(resume_from) if resume_from is not None else src)
-    limit = max_positions(model)
-    if limit and cfg.data.max_length > limit:
-        raise UserError(f"data.max_length ({cfg.data.max_length}) exceeds the model's {limit} positions")
-    if cfg.disable_dropout:
-        disable_dropout(model)
-    feats, feats_eval = featurize(tok, data.train, cfg.data), featurize(tok, data.eval, cfg.data)
-    steps, _ = common.total_steps(cfg.train, len(feats), world_size)
-    if (done := common.already_complete(out, resume_from, steps, console)) is not None:
-        return done
-    initial = model if resume_from is None else _load_policy(cfg, src)[1]
-    ref = ref_train = ref_eval = None
+    def prepare_data(self) -> None:
+        cfg = self.cfg
+        self.data = load_pair_data(cfg, "dpo")
+        start = str(self.resume_from) if self.resume_from is not None else _policy_source(cfg)
+        self.tokenizer, self._model = _load_policy(cfg, start)
+        limit = max_positions(self._model)
+        if limit and cfg.data.max_length > limit:
+            raise UserError(f"data.max_length ({cfg.data.max_length}) exceeds the model's {limit} positions")
+        if cfg.disable_dropout:
+            disable_dropout(self._model)
+        self.feats = featurize(self.tokenizer, self.data.train, cfg.data)
+        self.feats_eval = featurize(self.tokenizer, self.data.eval, cfg.data)
+        self.total_steps, _ = common.total_steps(cfg.train, len(self.feats), self.world[1])
 
-    optimizer = common.make_optimizer(model, cfg.train)
-    scheduler = common.make_scheduler(optimizer, cfg.train, steps)
-    state = {"step": 0, "micro_step": 0, "examples": 0, "tokens": 0}
-    run_ = common.Run(cfg, out, acc, resume_from)
-    manifest = {"parent": ck.parent_info(src),
-                "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,
-                         "train_pairs": len(feats), "eval_pairs": len(feats_eval),
-                         "dropped_equal": data.dropped_equal, "dropped_malformed": data.dropped_malformed},
-                "reference": "precomputed" if cfg.precompute_ref_logps else "frozen copy"}
-    console.print(f"dpo: {len(feats)} pairs ({data.fmt}), {steps} optimizer steps, {cfg.loss.loss_type} loss, "
-                  f"beta {cfg.loss.beta}, {count_params(model) / 1e6:.2f}M parameters -> {out}")
-    for note in data.notes:
-        console.print(f"  {note}")
-    first_eval: dict = {}
-    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, rank, world_size,
-                             [len(f["chosen"]["input_ids"]) + len(f["rejected"]["input_ids"]) for f in feats]
-                             if cfg.train.group_by_length else None)
-    with common.progress_bar(console, common.is_main(acc)) as progress:
+    def build(self, acc):
+        """The policy trains; the reference is always the initial policy, also when resuming."""
+        cfg, data = self.cfg, self.data
+        self.make_batcher([len(f["chosen"]["input_ids"]) + len(f["rejected"]["input_ids"]) for f in self.feats])
+        initial = self._model if self.resume_from is None else _load_policy(cfg, _policy_source(cfg))[1]
+        self.ref = self.ref_train = self.ref_eval = None
         if cfg.precompute_ref_logps:
-            initial.to(acc.device)
-            ref_train, ref_eval = cached_reference(cfg, data, tok, initial.eval(), feats, feats_eval, acc.device,
-                                                   console, progress, batcher)
+            with common.progress_bar(self.console, common.is_main(acc)) as progress:
+                self.ref_train, self.ref_eval = cached_reference(
+                    cfg, data, self.tokenizer, initial.to(acc.device).eval(), self.feats, self.feats_eval, acc.device,
+                    self.console, progress, self.batcher)
         else:
             # the copy keeps requires_grad (it never gets gradients: it runs under inference_mode): a
             # weight's requires_grad picks torch's matmul path, and the same path as the policy's makes
             # the step-0 log-ratios exactly 0 (a tie), not ~1e-6
-            ref = copy.deepcopy(initial).eval().to(acc.device)
-        del initial
-        model.train()
-        model, optimizer = acc.prepare(model, optimizer)
-        if resume_from is not None:
-            state = common.load_resumed(resume_from, optimizer, scheduler)
-            console.print(f"resuming from {resume_from} at step {state['step']}")
-        if cfg.eval.at_start and state["step"] == 0:
-            first_eval, _ = evaluate(acc.unwrap_model(model), ref, ref_eval, tok, data, feats_eval, cfg, acc.device, progress)
-            run_.log(0, first_eval)
-        bar = progress.add_task("dpo", total=steps, completed=state["step"], info="")
-        t_last, pairs_last = time.perf_counter(), state["examples"]
-        clock = common.LoopClock(state)
-        while state["step"] < steps:
-            # 1. micro-batches of pairs (indices, so cached reference rows line up)
-            idx_batches = []
-            for _ in range(cfg.train.gradient_accumulation_steps):
-                idx_batches.append(batcher.indices(state["micro_step"]))
-                state["micro_step"] += 1
-            n_pairs = sum(len(b) for b in idx_batches)
-            loss_total, logged = 0.0, []
-            for j, idx in enumerate(idx_batches):
-                chunk = [feats[i] for i in idx]
-                # 2. policy log-probs: chosen and rejected in one forward pass
-                with acc.autocast():
-                    pw, pl, nw, nl = batch_logps(model, tok, chunk, acc.device, cfg.share_prompt)
-                # 3. reference log-probs
-                if ref_train is not None:
-                    rw, rl = ref_train[idx, 0].to(acc.device), ref_train[idx, 1].to(acc.device)
-                else:
-                    with torch.inference_mode(), acc.autocast():
-                        rw, rl, _, _ = batch_logps(ref, tok, chunk, acc.device, cfg.share_prompt)
-                    rw, rl = rw.clone(), rl.clone()
-                out_ = _loss(cfg, pw, pl, rw, rl, nw, nl)
-                # 4. backward: mean over the pairs of the whole optimizer step
-                loss = out_.losses.sum() / n_pairs
-                common.backward(acc, loss, cfg.train.gradient_accumulation_steps, last=j == len(idx_batches) - 1)
-                loss_total += loss.item()
-                logged.append((out_, pw, pl))
-            loss_total = common.all_reduce(loss_total)  # each process's mean over its equal share of pairs
-            grad_norm = common.optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm,
-                                              loss_total, state["step"] + 1)
-            state["step"] += 1
-            state["examples"] += n_pairs
-            state["tokens"] = state.get("tokens", 0) + sum(
-                len(feats[i][k]["input_ids"]) for idx in idx_batches for i in idx for k in ("chosen", "rejected"))
-            step = state["step"]
-            progress.update(bar, advance=1, info=f"loss {loss_total:.3f}")
-            if step % cfg.train.log_interval == 0 or step == steps:
-                cat = [torch.cat(v) for v in zip(*[(o.losses.detach(), o.chosen_rewards, o.rejected_rewards, w, lo)
-                                                  for o, w, lo in logged])]
-                # every process holds an equal share of pairs: the mean of their means is the global mean
-                m = {k: common.all_reduce(v) for k, v in pair_metrics("train", DPOLoss(*cat[:3]), cat[3], cat[4]).items()}
-                dt = time.perf_counter() - t_last
-                run_.log(step, {**m, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
-                                "train/pairs_per_s": (state["examples"] - pairs_last) / max(dt, 1e-9)})
-                t_last, pairs_last = time.perf_counter(), state["examples"]
-            if cfg.eval.interval and step % cfg.eval.interval == 0 and step != steps:
-                run_.log(step, evaluate(acc.unwrap_model(model), ref, ref_eval, tok, data, feats_eval, cfg, acc.device, progress)[0])
-            run_.checkpoint(model, tok, optimizer, scheduler, state, manifest,
-                            due=bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0 and step != steps)
-        clock.record(state, manifest, "pairs")
-        last_eval, samples = evaluate(acc.unwrap_model(model), ref, ref_eval, tok, data, feats_eval, cfg, acc.device, progress)
-        run_.log(steps, last_eval)
-    if not first_eval:
-        first_eval = next((r for r in run_.metrics() if r["step"] == 0 and "eval/loss" in r), {})
-    manifest["metrics"] = last_eval
-    manifest["initial_metrics"] = {k: v for k, v in first_eval.items() if k.startswith("eval/")}
-    run_.save_final(model, tok, optimizer, scheduler, state, manifest, {"eval_samples.jsonl": common.jsonl(samples)})
-    return {"initial": manifest["initial_metrics"], "final": last_eval, "output_dir": str(out), "steps": steps}
+            self.ref = copy.deepcopy(initial).eval().to(acc.device)
+        self.manifest = {"parent": ck.parent_info(_policy_source(cfg)),
+                         "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,
+                                  "train_pairs": len(self.feats), "eval_pairs": len(self.feats_eval),
+                                  "dropped_equal": data.dropped_equal, "dropped_malformed": data.dropped_malformed},
+                         "reference": "precomputed" if cfg.precompute_ref_logps else "frozen copy"}
+        return self._model.train()
+
+    def describe(self) -> str:
+        return (f"dpo: {len(self.feats)} pairs ({self.data.fmt}), {self.total_steps} optimizer steps, "
+                f"{self.cfg.loss.loss_type} loss, beta {self.cfg.loss.beta}, {count_params(self._model) / 1e6:.2f}M "
+                f"parameters -> {self.out}" + "".join(f"\n  {n}" for n in self.data.notes))
+
+    def next_step(self, state: dict) -> list[Micro]:
+        return [self.micro(idx) for idx in self.draw(state)]
+
+    def micro(self, idx: list[int]) -> Micro:
+        tokens = sum(len(self.feats[i][k]["input_ids"]) for i in idx for k in ("chosen", "rejected"))
+        return Micro(idx, units=len(idx), examples=len(idx), tokens=tokens)
+
+    def loss(self, model, micro: Micro) -> StepLoss:
+        idx, device, share = micro.data, self.acc.device, self.cfg.share_prompt
+        chunk = [self.feats[i] for i in idx]
+        # policy log-probs of chosen and rejected in one forward pass; the reference's cached or frozen
+        pw, pl, nw, nl = batch_logps(model, self.tokenizer, chunk, device, share)
+        if self.ref_train is not None:
+            rw, rl = self.ref_train[idx, 0].to(device), self.ref_train[idx, 1].to(device)
+        else:
+            with torch.inference_mode():
+                rw, rl, _, _ = batch_logps(self.ref, self.tokenizer, chunk, device, share)
+            rw, rl = rw.clone(), rl.clone()
+        out = _loss(self.cfg, pw, pl, rw, rl, nw, nl)
+        sums = pair_sums(out, pw, pl)
+        del sums["loss"]
+        return StepLoss(out.losses.sum(), sums)
+
+    def evaluate(self, core, progress) -> tuple[dict, list[dict]]:
+        return evaluate(core, self.ref, self.ref_eval, self.tokenizer, self.data, self.feats_eval, self.cfg,
+                        self.acc.device, progress)
+
+
+def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=None) -> dict:
+    return fit(DPOStage, cfg, out, resume, overwrite, console)

@@ -9,7 +9,6 @@ held-out prompts with logits + beta * (Q - V) for each beta of `gen_betas`.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from ..heads import ILQLHeads, PolicyWithILQLHeads, hidden_size, ilql_generate
 from ..losses.ilql import ilql_loss, polyak_update
 from ..models import check_policy_source, count_params, disable_dropout, load_trained_policy, max_positions
 from . import common
+from .loop import Micro, Stage, StepLoss, fit
 
 
 @dataclass
@@ -81,7 +81,7 @@ def featurize(tok, samples, data_cfg) -> tuple[list[dict], torch.Tensor]:
     return feats, r
 
 
-def batch_tensors(feats: list[dict], returns: torch.Tensor, pad_id: int, device) -> dict:
+def batch_tensors(feats: list[dict], returns: torch.Tensor, pad_id: int) -> dict:
     """input_ids, attention_mask (B, T); actions, mask, rewards (B, T - 1) at the state slots."""
     b = collate_sft(feats, pad_id)
     actions = b["input_ids"][:, 1:]
@@ -89,8 +89,8 @@ def batch_tensors(feats: list[dict], returns: torch.Tensor, pad_id: int, device)
     last = (torch.arange(mask.shape[1]) * mask).argmax(1)  # index of each sequence's last action
     rewards = torch.zeros_like(mask)
     rewards[torch.arange(len(feats)), last] = returns
-    return {"input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device),
-            "actions": actions.to(device), "mask": mask.to(device), "rewards": rewards.to(device)}
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "actions": actions, "mask": mask,
+            "rewards": rewards}
 
 
 def compute_loss(model, batch: dict, icfg):
@@ -150,96 +150,69 @@ def plan(cfg, out: Path, world_size: int = 1) -> dict:
     return info
 
 
+LOGGED = ("loss_q", "loss_v", "loss_cql", "loss_awac", "mean_q", "mean_v")
+
+
+class ILQLStage(Stage):
+    name, unit, throughput = "ilql", "actions", "samples"
+
+    @classmethod
+    def precheck(cls, cfg) -> None:
+        check_policy_source(_policy_source(cfg), "ilql")
+
+    def prepare_data(self) -> None:
+        cfg = self.cfg
+        self.data = load_samples(cfg)
+        start = str(self.resume_from) if self.resume_from is not None else _policy_source(cfg)
+        self.tokenizer, self.policy = _load(cfg, start)
+        limit = max_positions(self.policy)
+        if limit and cfg.data.max_length > limit:
+            raise UserError(f"data.max_length ({cfg.data.max_length}) exceeds the model's {limit} positions")
+        disable_dropout(self.policy)
+        self.feats, self.returns = featurize(self.tokenizer, self.data.train, cfg.data)
+        self.total_steps, _ = common.total_steps(cfg.train, len(self.feats), self.world[1])
+
+    def build(self, acc):
+        """The policy and its heads; a resumed run reloads both from its checkpoint."""
+        cfg, data, policy = self.cfg, self.data, self.policy
+        vocab = policy.get_output_embeddings().weight.shape[0]
+        heads = (ILQLHeads.load(self.resume_from) if self.resume_from is not None
+                 else ILQLHeads(hidden_size(policy.config), vocab, cfg.ilql.two_qs))
+        self.make_batcher([len(f["input_ids"]) for f in self.feats])
+        self.manifest = {"parent": ck.parent_info(_policy_source(cfg)),
+                         "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,
+                                  "train_samples": len(self.feats), "eval_prompts": len(data.eval_prompts)},
+                         "heads": "ilql_heads.safetensors"}
+        return PolicyWithILQLHeads(policy, heads.to(next(policy.parameters()).dtype))
+
+    def describe(self) -> str:
+        core = self.acc.unwrap_model(self.model)
+        return (f"ilql: {len(self.feats)} samples ({self.data.fmt}, rewards: {self.cfg.ilql.rewards}), "
+                f"{self.total_steps} optimizer steps, {count_params(core.policy) / 1e6:.2f}M policy + "
+                f"{count_params(core.heads) / 1e6:.2f}M heads -> {self.out}")
+
+    def next_step(self, state: dict) -> list[Micro]:
+        return [self.micro(idx) for idx in self.draw(state)]
+
+    def micro(self, idx: list[int]) -> Micro:
+        b = batch_tensors([self.feats[i] for i in idx], self.returns[idx], self.tokenizer.pad_token_id)
+        return Micro(b, units=int(b["mask"].sum()), examples=len(idx), tokens=int(b["attention_mask"].sum()))
+
+    def loss(self, model, micro: Micro) -> StepLoss:
+        b = {k: v.to(self.acc.device) for k, v in micro.data.items()}
+        out = compute_loss(model, b, self.cfg.ilql)
+        n = micro.units  # the loss terms are means over this micro-batch's actions
+        return StepLoss(out.loss * n, {k: getattr(out, k).item() * n for k in LOGGED})
+
+    def after_step(self, state: dict) -> dict:
+        if state["step"] % self.cfg.ilql.steps_for_target_q_sync == 0:
+            heads = self.acc.unwrap_model(self.model).heads
+            polyak_update(heads.target_qs, heads.qs, self.cfg.ilql.alpha)
+        return {}
+
+    def evaluate(self, core, progress) -> tuple[dict, list[dict]]:
+        return evaluate(core, self.tokenizer, self.data, self.cfg, progress)
+
+
 def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=None) -> dict:
-    from rich.console import Console
-
-    console = console or Console(stderr=True)
-    src = _policy_source(cfg)
-    check_policy_source(src, "ilql")
-    resume_from = ck.prepare_output(out, resume, overwrite)
-    acc = common.setup_accelerator(cfg)
-    rank, world_size = common.world(acc)
-    torch.manual_seed(cfg.seed)
-    I = cfg.ilql
-
-    # 1. samples, policy and heads (a resumed run reloads both from its checkpoint)
-    data = load_samples(cfg)
-    tok, policy = _load(cfg, str(resume_from) if resume_from is not None else src)
-    limit = max_positions(policy)
-    if limit and cfg.data.max_length > limit:
-        raise UserError(f"data.max_length ({cfg.data.max_length}) exceeds the model's {limit} positions")
-    disable_dropout(policy)
-    vocab = policy.get_output_embeddings().weight.shape[0]
-    heads = ILQLHeads.load(resume_from) if resume_from is not None else ILQLHeads(hidden_size(policy.config), vocab,
-                                                                                   I.two_qs)
-    model = PolicyWithILQLHeads(policy, heads.to(next(policy.parameters()).dtype))
-    feats, returns = featurize(tok, data.train, cfg.data)
-    steps, _ = common.total_steps(cfg.train, len(feats), world_size)
-    if (done := common.already_complete(out, resume_from, steps, console)) is not None:
-        return done
-    optimizer = common.make_optimizer(model, cfg.train)
-    scheduler = common.make_scheduler(optimizer, cfg.train, steps)
-    model, optimizer = acc.prepare(model, optimizer)
-    core = acc.unwrap_model(model)
-    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, rank, world_size,
-                             [len(f["input_ids"]) for f in feats] if cfg.train.group_by_length else None)
-    state = {"step": 0, "micro_step": 0, "examples": 0}
-    run_ = common.Run(cfg, out, acc, resume_from)
-    if resume_from is not None:
-        state = common.load_resumed(resume_from, optimizer, scheduler)
-        console.print(f"resuming from {resume_from} at step {state['step']}")
-    manifest = {"parent": ck.parent_info(src),
-                "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,
-                         "train_samples": len(feats), "eval_prompts": len(data.eval_prompts)},
-                "heads": "ilql_heads.safetensors"}
-    console.print(f"ilql: {len(feats)} samples ({data.fmt}, rewards: {I.rewards}), {steps} optimizer steps, "
-                  f"{count_params(core.policy) / 1e6:.2f}M policy + {count_params(core.heads) / 1e6:.2f}M heads -> {out}")
-    first_eval: dict = {}
-    with common.progress_bar(console, common.is_main(acc)) as progress:
-        if cfg.eval.at_start and state["step"] == 0:
-            first_eval, _ = evaluate(core, tok, data, cfg, progress)
-            run_.log(0, first_eval)
-        bar = progress.add_task("ilql", total=steps, completed=state["step"], info="")
-        model.train()
-        t_last, n_last = time.perf_counter(), state["examples"]
-        while state["step"] < steps:
-            idx_batches = []
-            for _ in range(cfg.train.gradient_accumulation_steps):
-                idx_batches.append(batcher.indices(state["micro_step"]))
-                state["micro_step"] += 1
-            loss_total, parts = 0.0, []
-            for j, idx in enumerate(idx_batches):
-                b = batch_tensors([feats[i] for i in idx], returns[idx], tok.pad_token_id, acc.device)
-                with acc.autocast():
-                    out_ = compute_loss(model, b, I)
-                loss = out_.loss / len(idx_batches)
-                common.backward(acc, loss, cfg.train.gradient_accumulation_steps, last=j == len(idx_batches) - 1)
-                loss_total += loss.item()
-                parts.append(out_)
-            grad_norm = common.optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm, loss_total,
-                                              state["step"] + 1)
-            state["step"] += 1
-            state["examples"] += sum(len(i) for i in idx_batches)
-            step = state["step"]
-            if step % I.steps_for_target_q_sync == 0:
-                polyak_update(core.heads.target_qs, core.heads.qs, I.alpha)
-            progress.update(bar, advance=1, info=f"loss {loss_total:.3f}")
-            if step % cfg.train.log_interval == 0 or step == steps:
-                dt = time.perf_counter() - t_last
-                log = {f"train/{k}": common.all_reduce(sum(getattr(p, k).item() for p in parts) / len(parts))
-                       for k in ("loss", "loss_q", "loss_v", "loss_cql", "loss_awac", "mean_q", "mean_v")}
-                run_.log(step, {**log, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
-                                "train/samples_per_s": (state["examples"] - n_last) / max(dt, 1e-9)})
-                t_last, n_last = time.perf_counter(), state["examples"]
-            if cfg.eval.interval and step % cfg.eval.interval == 0 and step != steps:
-                run_.log(step, evaluate(core, tok, data, cfg, progress)[0])
-            run_.checkpoint(model, tok, optimizer, scheduler, state, manifest,
-                            due=bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0 and step != steps)
-        last_eval, samples = evaluate(core, tok, data, cfg, progress)
-        run_.log(steps, last_eval)
-    if not first_eval:
-        first_eval = next((r for r in run_.metrics() if r["step"] == 0 and any(k.startswith("eval/") for k in r)), {})
-    manifest["metrics"] = last_eval
-    manifest["initial_metrics"] = {k: v for k, v in first_eval.items() if k.startswith("eval/")}
-    run_.save_final(model, tok, optimizer, scheduler, state, manifest, {"eval_samples.jsonl": common.jsonl(samples)})
-    return {"initial": manifest["initial_metrics"], "final": last_eval, "output_dir": str(out), "steps": steps}
+    return fit(ILQLStage, cfg, out, resume, overwrite, console)

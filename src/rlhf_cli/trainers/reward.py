@@ -7,7 +7,6 @@ one forward pass, 3. backward the summed pair losses / pairs in the step, 4. cli
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from ..models import (build_tiny_reward, checkpoint_kind, count_params, freeze_b
                       load_reward_model, load_tokenizer, max_positions, sequence_rewards, train_tokenizer)
 from ..heads import PooledReward
 from . import common
+from .loop import Micro, Stage, StepLoss, fit
 
 
 def featurize(tok, pairs: list[formats.PairExample], data_cfg) -> list[dict]:
@@ -130,116 +130,69 @@ def plan(cfg, out: Path, world_size: int = 1) -> dict:
     return info
 
 
+class RewardStage(Stage):
+    name, unit, throughput = "train-rm", "pairs", "pairs"
+    best_metric, best_mode = "eval/accuracy", "max"
+
+    @classmethod
+    def precheck(cls, cfg) -> None:
+        init = _init_source(cfg)
+        if init != "tiny" and Path(init).expanduser().is_dir() and checkpoint_kind(Path(init).expanduser()) is None:
+            raise UserError(f"--init-from {init} is neither a policy nor a reward-model checkpoint")
+
+    def prepare_data(self) -> None:
+        cfg = self.cfg
+        self.data = load_pair_data(cfg, "train-rm")
+        self.tokenizer, self._model = _load(cfg, self.data, self.resume_from)
+        limit = max_positions(self._model)
+        if limit and cfg.data.max_length > limit:
+            raise UserError(f"data.max_length ({cfg.data.max_length}) exceeds the model's {limit} positions")
+        self.feats = featurize(self.tokenizer, self.data.train, cfg.data)
+        self.feats_eval = featurize(self.tokenizer, self.data.eval, cfg.data)
+        self.total_steps, _ = common.total_steps(cfg.train, len(self.feats), self.world[1])
+
+    def build(self, acc):
+        cfg, data = self.cfg, self.data
+        self.frozen = frozen_block_count(self._model, cfg.freeze_fraction)
+        freeze_bottom(self._model, self.frozen)
+        if cfg.train.gradient_checkpointing:
+            self._model.gradient_checkpointing_enable()
+        self.make_batcher([max(len(f["chosen"]), len(f["rejected"])) for f in self.feats])
+        self.manifest = {
+            "parent": ck.parent_info(_init_source(cfg)),
+            "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,
+                     "train_pairs": len(self.feats), "eval_pairs": len(self.feats_eval),
+                     "dropped_equal": data.dropped_equal, "dropped_malformed": data.dropped_malformed},
+            "frozen_blocks": self.frozen,
+        }
+        return PooledReward(self._model)  # DDP / DeepSpeed wrap the pooled forward, score head included
+
+    def describe(self) -> str:
+        data = self.data
+        trainable = sum(p.numel() for p in self._model.parameters() if p.requires_grad)
+        notes = data.notes + ([f"dropped {data.dropped_equal} pairs with chosen == rejected"] if data.dropped_equal else [])
+        return (f"train-rm: {len(self.feats)} pairs ({data.fmt}), {self.total_steps} optimizer steps, "
+                f"{count_params(self._model) / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable, bottom "
+                f"{self.frozen} blocks frozen) -> {self.out}" + "".join(f"\n  {n}" for n in notes))
+
+    def next_step(self, state: dict) -> list[Micro]:
+        return [self.micro(idx) for idx in self.draw(state)]
+
+    def micro(self, idx: list[int]) -> Micro:
+        chunk = [self.feats[i] for i in idx]
+        return Micro(chunk, units=len(chunk), examples=len(chunk),
+                     tokens=sum(len(f["chosen"]) + len(f["rejected"]) for f in chunk))
+
+    def loss(self, model, micro: Micro) -> StepLoss:
+        chunk, device = micro.data, self.acc.device
+        rc, rr = pair_rewards(model, self.tokenizer, chunk, device, self.cfg.share_prompt, pooled=True)
+        margin = torch.tensor([f["margin"] for f in chunk], device=device) if self.cfg.loss.use_margin else None
+        out = pairwise_loss(rc, rr, margin, self.cfg.loss.center_coef)
+        return StepLoss(out.losses.sum(), {"accuracy": out.accuracy.sum().item(), "margin": out.margin.sum().item()})
+
+    def evaluate(self, core, progress) -> tuple[dict, list[dict]]:
+        return evaluate(core.model, self.tokenizer, self.feats_eval, self.data.eval, self.cfg, self.acc.device), []
+
+
 def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=None) -> dict:
-    from rich.console import Console
-
-    console = console or Console(stderr=True)
-    init = _init_source(cfg)
-    if init != "tiny" and Path(init).expanduser().is_dir() and checkpoint_kind(Path(init).expanduser()) is None:
-        raise UserError(f"--init-from {init} is neither a policy nor a reward-model checkpoint")
-    resume_from = ck.prepare_output(out, resume, overwrite)
-    acc = common.setup_accelerator(cfg)
-    rank, world_size = common.world(acc)
-    torch.manual_seed(cfg.seed)
-
-    # 1. data and model
-    data = load_pair_data(cfg, "train-rm")
-    tok, model = _load(cfg, data, resume_from)
-    limit = max_positions(model)
-    if limit and cfg.data.max_length > limit:
-        raise UserError(f"data.max_length ({cfg.data.max_length}) exceeds the model's {limit} positions")
-    frozen = frozen_block_count(model, cfg.freeze_fraction)
-    freeze_bottom(model, frozen)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    feats, feats_eval = featurize(tok, data.train, cfg.data), featurize(tok, data.eval, cfg.data)
-    steps, _ = common.total_steps(cfg.train, len(feats), world_size)
-    if (done := common.already_complete(out, resume_from, steps, console)) is not None:
-        return done
-
-    model = PooledReward(model)  # DDP / DeepSpeed wrap the pooled forward, score head included
-    optimizer = common.make_optimizer(model, cfg.train)
-    scheduler = common.make_scheduler(optimizer, cfg.train, steps)
-    model, optimizer = acc.prepare(model, optimizer)
-    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, rank, world_size,
-                             [max(len(f["chosen"]), len(f["rejected"])) for f in feats]
-                             if cfg.train.group_by_length else None)
-    state = {"step": 0, "micro_step": 0, "examples": 0, "tokens": 0}
-    run_ = common.Run(cfg, out, acc, resume_from)
-    if resume_from is not None:
-        state = common.load_resumed(resume_from, optimizer, scheduler)
-        console.print(f"resuming from {resume_from} at step {state['step']}")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    manifest = {
-        "parent": ck.parent_info(init),
-        "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,
-                 "train_pairs": len(feats), "eval_pairs": len(feats_eval),
-                 "dropped_equal": data.dropped_equal, "dropped_malformed": data.dropped_malformed},
-        "frozen_blocks": frozen,
-    }
-    console.print(f"train-rm: {len(feats)} pairs ({data.fmt}), {steps} optimizer steps, "
-                  f"{count_params(model) / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable, bottom "
-                  f"{frozen} blocks frozen) -> {out}")
-    for note in data.notes + ([f"dropped {data.dropped_equal} pairs with chosen == rejected"]
-                              if data.dropped_equal else []):
-        console.print(f"  {note}")
-
-    unwrapped = acc.unwrap_model(model).model  # the plain sequence classifier, for eval
-    first_eval: dict = {}
-    with common.progress_bar(console, common.is_main(acc)) as progress:
-        if cfg.eval.at_start and state["step"] == 0:
-            first_eval = evaluate(unwrapped, tok, feats_eval, data.eval, cfg, acc.device)
-            run_.log(0, first_eval)
-        bar = progress.add_task("train-rm", total=steps, completed=state["step"], info="")
-        model.train()
-        t_last, pairs_last = time.perf_counter(), state["examples"]
-        clock = common.LoopClock(state)
-        while state["step"] < steps:
-            # 1. micro-batches of pairs
-            batches = []
-            for _ in range(cfg.train.gradient_accumulation_steps):
-                batches.append([feats[i] for i in batcher.indices(state["micro_step"])])
-                state["micro_step"] += 1
-            n_pairs = sum(len(b) for b in batches)
-            loss_total, correct, margin_sum = 0.0, 0.0, 0.0
-            for j, chunk in enumerate(batches):
-                # 2. score chosen and rejected: their shared prompt once, or one concatenated pass
-                with acc.autocast():
-                    rc, rr = pair_rewards(model, tok, chunk, acc.device, cfg.share_prompt, pooled=True)
-                margin = torch.tensor([f["margin"] for f in chunk], device=acc.device) if cfg.loss.use_margin else None
-                out_ = pairwise_loss(rc, rr, margin, cfg.loss.center_coef)
-                # 3. backward: mean over the pairs of the whole optimizer step
-                loss = out_.losses.sum() / n_pairs
-                common.backward(acc, loss, cfg.train.gradient_accumulation_steps, last=j == len(batches) - 1)
-                loss_total += loss.item()
-                correct += out_.accuracy.sum().item()
-                margin_sum += out_.margin.sum().item()
-                state["tokens"] += sum(len(f["chosen"]) + len(f["rejected"]) for f in chunk)
-            # 4. clip and step
-            loss_total = common.all_reduce(loss_total)
-            grad_norm = common.optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm,
-                                              loss_total, state["step"] + 1)
-            state["step"] += 1
-            state["examples"] += n_pairs
-            step = state["step"]
-            progress.update(bar, advance=1, info=f"loss {loss_total:.3f}")
-            if step % cfg.train.log_interval == 0 or step == steps:
-                dt = time.perf_counter() - t_last
-                run_.log(step, {"train/loss": loss_total, "train/accuracy": common.all_reduce(correct / n_pairs),
-                                "train/margin": common.all_reduce(margin_sum / n_pairs), "train/lr": scheduler.get_last_lr()[0],
-                                "train/grad_norm": grad_norm,
-                                "train/pairs_per_s": (state["examples"] - pairs_last) / max(dt, 1e-9)})
-                t_last, pairs_last = time.perf_counter(), state["examples"]
-            if cfg.eval.interval and step % cfg.eval.interval == 0 and step != steps:
-                run_.log(step, evaluate(unwrapped, tok, feats_eval, data.eval, cfg, acc.device))
-            run_.checkpoint(model, tok, optimizer, scheduler, state, manifest,
-                            due=bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0 and step != steps)
-        clock.record(state, manifest, "pairs")
-        last_eval = evaluate(unwrapped, tok, feats_eval, data.eval, cfg, acc.device)
-        run_.log(steps, last_eval)
-    if not first_eval:
-        first_eval = next((r for r in run_.metrics() if r["step"] == 0 and "eval/accuracy" in r), {})
-    manifest["metrics"] = last_eval
-    manifest["initial_metrics"] = {k: v for k, v in first_eval.items() if k.startswith("eval/")}
-    run_.save_final(model, tok, optimizer, scheduler, state, manifest)
-    return {"initial": manifest["initial_metrics"], "final": last_eval, "output_dir": str(out), "steps": steps}
+    return fit(RewardStage, cfg, out, resume, overwrite, console)

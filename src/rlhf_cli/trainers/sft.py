@@ -7,7 +7,6 @@ tokens, 3. backward sum-NLL / tokens, 4. clip and step; eval and checkpoint at t
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from ..eval.generation import generation_metrics
 from ..losses.sft import sft_loss
 from ..models import count_params, load_policy, max_positions
 from . import common
+from .loop import Micro, Stage, StepLoss, fit
 
 
 @dataclass
@@ -99,124 +99,60 @@ def plan(cfg, out: Path, world_size: int = 1) -> dict:
     return info
 
 
+class SFTStage(Stage):
+    name, unit, throughput = "sft", "tokens", "examples"
+    best_metric, best_mode = "eval/loss", "min"
+
+    def prepare_data(self) -> None:
+        self.data = load_sft_data(self.cfg)
+        # the tokenizer (trained on the data for 'tiny', else the model's) fixes the features
+        if self.resume_from is not None:
+            rcfg = self.cfg.model_copy(deep=True)
+            rcfg.model.name_or_path, rcfg.tokenizer.name_or_path = str(self.resume_from), str(self.resume_from)
+            self.tokenizer, self._model = load_policy(rcfg)
+        else:
+            self.tokenizer, self._model = load_policy(self.cfg, [e.prompt + e.completion for e in self.data.train])
+        limit = max_positions(self._model)
+        if limit and self.cfg.data.max_length > limit:
+            raise UserError(f"data.max_length ({self.cfg.data.max_length}) exceeds the model's {limit} positions")
+        self.feats, truncated = featurize(self.tokenizer, self.data.train, self.cfg.data)
+        self.feats_eval, _ = featurize(self.tokenizer, self.data.eval, self.cfg.data)
+        self.total_steps, _ = common.total_steps(self.cfg.train, len(self.feats), self.world[1])
+        self.manifest = {
+            "parent": ck.parent_info(self.cfg.model.name_or_path),
+            "data": {"source": self.cfg.data.source, "format": self.data.fmt, "fingerprint": self.data.fingerprint,
+                     "train_examples": len(self.feats), "eval_examples": len(self.feats_eval),
+                     "prompts_truncated": truncated, "rows_dropped": self.data.dropped},
+        }
+
+    def build(self, acc):
+        if self.cfg.train.gradient_checkpointing:
+            self._model.gradient_checkpointing_enable()
+        self.make_batcher([len(f["input_ids"]) for f in self.feats])
+        return self._model
+
+    def describe(self) -> str:
+        notes = "".join(f"\n  {n}" for n in self.data.notes)
+        return (f"sft: {len(self.feats)} examples ({self.data.fmt}), {self.total_steps} optimizer steps, "
+                f"{count_params(self._model) / 1e6:.2f}M parameters -> {self.out}{notes}")
+
+    def next_step(self, state: dict) -> list[Micro]:
+        return [self.micro(idx) for idx in self.draw(state)]
+
+    def micro(self, idx: list[int]) -> Micro:
+        """The micro-batch of examples `idx`; its units are the label tokens."""
+        b = collate_sft([self.feats[i] for i in idx], self.tokenizer.pad_token_id)
+        return Micro(b, units=int((b["labels"][:, 1:] != -100).sum()), examples=len(idx),
+                     tokens=int(b["attention_mask"].sum()))
+
+    def loss(self, model, micro: Micro) -> StepLoss:
+        b = {k: v.to(self.acc.device) for k, v in micro.data.items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return StepLoss(sft_loss(logits, b["labels"]).loss_sum, {})
+
+    def evaluate(self, core, progress) -> tuple[dict, list[dict]]:
+        return evaluate(core, self.tokenizer, self.data, self.feats_eval, self.cfg, progress)
+
+
 def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=None) -> dict:
-    from rich.console import Console
-
-    console = console or Console(stderr=True)
-    resume_from = ck.prepare_output(out, resume, overwrite)
-    acc = common.setup_accelerator(cfg)
-    rank, world_size = common.world(acc)
-    torch.manual_seed(cfg.seed)
-
-    # 1. data and model (a resumed run reloads both from its checkpoint)
-    data = load_sft_data(cfg)
-    if resume_from is not None:
-        rcfg = cfg.model_copy(deep=True)
-        rcfg.model.name_or_path, rcfg.tokenizer.name_or_path = str(resume_from), str(resume_from)
-        tok, model = load_policy(rcfg)
-    else:
-        tok, model = load_policy(cfg, [e.prompt + e.completion for e in data.train])
-    limit = max_positions(model)
-    if limit and cfg.data.max_length > limit:
-        raise UserError(f"data.max_length ({cfg.data.max_length}) exceeds the model's {limit} positions")
-    feats, truncated = featurize(tok, data.train, cfg.data)
-    feats_eval, _ = featurize(tok, data.eval, cfg.data)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-
-    steps, _ = common.total_steps(cfg.train, len(feats), world_size)
-    if (done := common.already_complete(out, resume_from, steps, console)) is not None:
-        return done
-
-    optimizer = common.make_optimizer(model, cfg.train)
-    scheduler = common.make_scheduler(optimizer, cfg.train, steps)
-    model, optimizer = acc.prepare(model, optimizer)
-    batcher = common.Batcher(len(feats), cfg.train.batch_size, cfg.seed, rank, world_size,
-                             [len(f["input_ids"]) for f in feats] if cfg.train.group_by_length else None)
-    progress_state = {"step": 0, "micro_step": 0, "examples": 0, "tokens": 0}
-    run_ = common.Run(cfg, out, acc, resume_from)
-    if resume_from is not None:
-        progress_state = common.load_resumed(resume_from, optimizer, scheduler)
-        console.print(f"resuming from {resume_from} at step {progress_state['step']}")
-        changed = common.config_changes(cfg, resume_from)
-        if changed:
-            console.print(f"[yellow]warning:[/] the config differs from the checkpoint's in {', '.join(changed)}")
-
-    manifest = {
-        "parent": ck.parent_info(cfg.model.name_or_path),
-        "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,
-                 "train_examples": len(feats), "eval_examples": len(feats_eval),
-                 "prompts_truncated": truncated, "rows_dropped": data.dropped},
-    }
-    console.print(f"sft: {len(feats)} examples ({data.fmt}), {steps} optimizer steps, "
-                  f"{count_params(model) / 1e6:.2f}M parameters -> {out}")
-    for note in data.notes:
-        console.print(f"  {note}")
-
-    first_eval: dict = {}
-    last_eval: dict = {}
-    samples: list[dict] = []
-    with common.progress_bar(console, common.is_main(acc)) as progress:
-        if cfg.eval.at_start and progress_state["step"] == 0:
-            first_eval, _ = evaluate(acc.unwrap_model(model), tok, data, feats_eval, cfg, progress)
-            run_.log(0, first_eval)
-        bar = progress.add_task("sft", total=steps, completed=progress_state["step"], info="")
-        model.train()
-        accum = cfg.train.gradient_accumulation_steps
-        t_last, tokens_last = time.perf_counter(), progress_state["tokens"]
-        clock = common.LoopClock(progress_state)
-        while progress_state["step"] < steps:
-            # 1. the micro-batches of this optimizer step
-            batches = []
-            for _ in range(accum):
-                idx = batcher.indices(progress_state["micro_step"])
-                progress_state["micro_step"] += 1
-                batches.append(collate_sft([feats[i] for i in idx], tok.pad_token_id))
-            # 2. the loss is normalised by the label tokens of the whole accumulated batch
-            # over every process: gradients are averaged across processes, hence the world_size factor,
-            # so N processes compute exactly the step of one process with N times the batch
-            n_tokens = common.all_reduce(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), "sum")
-            loss_total = 0.0
-            for j, b in enumerate(batches):
-                b = {k: v.to(acc.device) for k, v in b.items()}
-                with acc.autocast():
-                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                out_ = sft_loss(logits, b["labels"])
-                loss = out_.loss_sum * world_size / max(1, n_tokens)
-                # 3. backward
-                common.backward(acc, loss, cfg.train.gradient_accumulation_steps, last=j == len(batches) - 1)
-                loss_total += out_.loss_sum.item() / max(1, n_tokens)
-            loss_total = common.all_reduce(loss_total, "sum")
-            # 4. clip and step
-            grad_norm = common.optimizer_step(acc, model, optimizer, scheduler, cfg.train.max_grad_norm,
-                                              loss_total, progress_state["step"] + 1)
-            progress_state["step"] += 1
-            progress_state["examples"] += sum(len(b["input_ids"]) for b in batches)
-            progress_state["tokens"] += sum(int(b["attention_mask"].sum()) for b in batches)
-            step = progress_state["step"]
-            progress.update(bar, advance=1, info=f"loss {loss_total:.3f}")
-
-            if step % cfg.train.log_interval == 0 or step == steps:
-                dt = time.perf_counter() - t_last
-                run_.log(step, {"train/loss": loss_total, "train/lr": scheduler.get_last_lr()[0],
-                                "train/grad_norm": grad_norm,
-                                "train/tokens_per_s": (progress_state["tokens"] - tokens_last) / max(dt, 1e-9),
-                                "train/epoch": progress_state["micro_step"] / batcher.batches_per_epoch})
-                t_last, tokens_last = time.perf_counter(), progress_state["tokens"]
-            if cfg.eval.interval and step % cfg.eval.interval == 0 and step != steps:
-                metrics, _ = evaluate(acc.unwrap_model(model), tok, data, feats_eval, cfg, progress)
-                run_.log(step, metrics)
-            run_.checkpoint(model, tok, optimizer, scheduler, progress_state, manifest,
-                            due=bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0 and step != steps)
-
-        clock.record(progress_state, manifest, "examples")
-        last_eval, samples = evaluate(acc.unwrap_model(model), tok, data, feats_eval, cfg, progress)
-        run_.log(steps, last_eval)
-    if not first_eval:
-        first_eval = next((r for r in run_.metrics() if r["step"] == 0 and "eval/loss" in r), {})
-    final = {k: v for k, v in last_eval.items()}
-    manifest["metrics"] = final
-    manifest["initial_metrics"] = {k: v for k, v in first_eval.items() if k.startswith("eval/")}
-    run_.save_final(model, tok, optimizer, scheduler, progress_state, manifest,
-                    {"eval_samples.jsonl": common.jsonl(samples)})
-    return {"initial": manifest["initial_metrics"], "final": final, "output_dir": str(out), "steps": steps}
+    return fit(SFTStage, cfg, out, resume, overwrite, console)

@@ -1,0 +1,290 @@
+"""The rollout engine of online RL (PPO today; every critic-free method next): prompts, reward sources,
+KV-cached sampling of completions with their log-probs and values, scores, and the held-out eval
+(reward, gold, KL to the reference, ROUGE) that online methods share.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import sampling
+from ..data import formats
+from ..data.sources import load_formatted
+from ..config import SFTConfig
+from ..data.tokenize import encode_prompt, pad_left, pad_right
+from ..errors import UserError
+from ..eval.generation import generate
+from ..eval.metrics import gold_scores, mean_and_stderr, rouge
+from ..heads import Reference
+from ..losses import ppo as L
+from ..models import load_trained_policy, max_positions
+from ..rewards import make_reward
+from . import sft
+from .loop import fit
+
+
+# --- prompts -----------------------------------------------------------------------------------------
+@dataclass
+class PromptData:
+    train: list[tuple[str, str | None]]  # (prompt, reference completion or None)
+    eval: list[tuple[str, str | None]]
+    fmt: str
+    fingerprint: str
+    notes: list[str]
+    train_ids: list[list[int]] | None = None  # the train prompts tokenized once, before the loop
+
+
+def load_prompts(cfg) -> PromptData:
+    """Prompts (and reference completions, for delta rewards and ROUGE) of any SFT-style dataset.
+
+    Plain text (format text, e.g. movie reviews) gives prompts of its first `ppo.prompt_words` words.
+    """
+    split, fmt = load_formatted(cfg.data, kind="sft", seed=cfg.seed)
+
+    def pairs(rows):
+        examples, _ = formats.sft_examples(rows, fmt)
+        if fmt == "text":
+            n = cfg.ppo.prompt_words
+            return [(" ".join(e.completion.split()[:n]), None) for e in examples if len(e.completion.split()) > n]
+        return [(e.prompt, e.completion) for e in examples if e.prompt]
+
+    train, held = pairs(split.train), pairs(split.eval)
+    if cfg.data.max_examples:
+        train = train[: cfg.data.max_examples]
+    if not train:
+        raise UserError(f"dataset '{cfg.data.source}' has no prompts for ppo")
+    return PromptData(train, held, fmt, split.fingerprint(), split.notes)
+
+
+def _policy_source(cfg) -> str:
+    return cfg.policy or cfg.model.name_or_path
+
+
+def _load_policy(cfg, path: str):
+    return load_trained_policy(cfg, path, "ppo")
+
+
+def warm_up_tiny_policy(cfg, dest: Path, console) -> str:
+    """SFT of a tiny policy on the data's text, `init_sft_steps` steps: PPO's starting point when
+    no pretrained policy is given (trlx's sentiment example starts from gpt2-imdb)."""
+    sft_cfg = SFTConfig(seed=cfg.seed, model=cfg.model, tokenizer=cfg.tokenizer, data=cfg.data,
+                        train=cfg.train.model_copy(update={"max_steps": cfg.init_sft_steps, "learning_rate": 2e-3,
+                                                           "batch_size": 32, "warmup_ratio": 0.05}),
+                        eval=cfg.eval.model_copy(update={"at_start": False, "num_samples": 16}),
+                        checkpoint=cfg.checkpoint.model_copy(update={"interval": 0}), output_dir=str(dest))
+    console.print(f"ppo: the policy is 'tiny': first {cfg.init_sft_steps} SFT steps on {cfg.data.source} -> {dest}")
+    fit(sft.SFTStage, sft_cfg, dest, resume=dest.exists(), console=console)
+    return str(dest)
+
+
+def make_reward_source(cfg, device):
+    r = cfg.reward
+    if not any((r.ckpt, r.fn, r.url, r.classifier)):
+        raise UserError("ppo needs a reward: pass --reward-ckpt runs/rm, --reward-fn module:function or --reward-url")
+    return make_reward(r.ckpt, r.fn, r.url, device=r.device or str(device), classifier=r.classifier,
+                       positive_label=r.positive_label, batch_size=r.batch_size, max_length=cfg.data.max_length,
+                       token_env=r.token_env)
+
+
+class Scorer:
+    """Scores of completions; with `delta`, minus the score of the prompt's reference completion.
+
+    Reference scores are computed once per prompt and cached (the reward of a fixed text never changes).
+    """
+
+    def __init__(self, source, delta: bool):
+        self.source, self.delta = source, delta
+        self._ref: dict[tuple[str, str], float] = {}
+
+    def reference_scores(self, prompts, refs) -> list[float]:
+        todo = sorted({(p, r) for p, r in zip(prompts, refs) if (p, r) not in self._ref})
+        if todo:
+            for key, s in zip(todo, self.source.score([p for p, _ in todo], [r for _, r in todo])):
+                self._ref[key] = s
+        return [self._ref[(p, r)] for p, r in zip(prompts, refs)]
+
+    def __call__(self, prompts, completions, refs) -> tuple[list[float], list[float]]:
+        """(rewards used for training, raw scores)."""
+        raw = self.source.score(prompts, completions)
+        if not self.delta:
+            return raw, raw
+        if any(r is None for r in refs):
+            raise UserError("reward.delta needs a reference completion for every prompt; this data has none")
+        return [a - b for a, b in zip(raw, self.reference_scores(prompts, refs))], raw
+
+
+# --- rollouts ----------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """Padded rollouts: prompts left-padded, responses right-padded, side by side in `input_ids`."""
+
+    input_ids: torch.Tensor  # (B, P + R)
+    attention_mask: torch.Tensor  # (B, P + R)
+    responses: torch.Tensor  # (B, R)
+    mask: torch.Tensor  # (B, R) float, 1 on real response tokens
+
+
+def collate(queries: list[list[int]], responses: list[list[int]], pad_id: int, device) -> Batch:
+    q, r = pad_left(queries, pad_id), pad_right(responses, pad_id)
+    qm = pad_left([[1] * len(x) for x in queries], 0)
+    rm = pad_right([[1] * len(x) for x in responses], 0)
+    return Batch(torch.cat([q, r], 1).to(device), torch.cat([qm, rm], 1).to(device), r.to(device),
+                 rm.float().to(device))
+
+
+def response_outputs(model, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, R, V) logits predicting each response token and (B, R) values of the state before it."""
+    R = b.responses.shape[1]
+    logits, values = model(b.input_ids, b.attention_mask, num_logits=R + 1)
+    return logits[:, :-1], values[:, :-1]
+
+
+def _pad_to(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    return torch.stack([torch.nn.functional.pad(x, (0, width - x.shape[0])) for x in rows])
+
+
+@dataclass
+class Rollouts:
+    queries: list[list[int]]
+    responses: list[list[int]]
+    logprobs: torch.Tensor  # (N, R) old policy
+    ref_logprobs: torch.Tensor  # (N, R)
+    values: torch.Tensor  # (N, R) old values
+    mask: torch.Tensor  # (N, R)
+    scores: torch.Tensor  # (N,) after delta, scaling and clipping
+    raw_scores: list[float]
+    texts: list[str]
+    prompts: list[str]
+
+
+# --- evaluation --------------------------------------------------------------------------------------
+@torch.no_grad()
+def sequence_kls(model, reference: Reference, tok, queries, responses, batch_size: int, device) -> list[float]:
+    """Per-sample sum over response tokens of log pi - log pi_ref: an unbiased estimate of KL(pi || ref)."""
+    out: list[float] = []
+    policy = model.policy
+    for i in range(0, len(queries), batch_size):
+        b = collate(queries[i: i + batch_size], responses[i: i + batch_size], tok.pad_token_id, device)
+        R = b.responses.shape[1]
+        kw = dict(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                  position_ids=(b.attention_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=False,
+                  logits_to_keep=R + 1)
+        lp = L.token_logprobs(policy(**kw).logits[:, :-1], b.responses)
+        ref = L.token_logprobs(reference.logits(b.input_ids, b.attention_mask, R + 1)[:, :-1], b.responses)
+        out += ((lp - ref) * b.mask).sum(1).tolist()
+    return out
+
+
+def evaluate(model, reference, tok, data: PromptData, scorer: Scorer, cfg, device, progress,
+             synced: bool = False) -> tuple[dict, list]:
+    """Generate for the fixed held-out prompts: reward (and delta), gold, ROUGE, KL to the reference."""
+    pairs = data.eval[: cfg.eval.num_samples]
+    if not pairs:
+        return {}, []
+    was = model.training
+    model.eval()
+    prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    queries = [encode_prompt(tok, p, cfg.data.max_prompt_length)[0] for p in prompts]
+    responses = generate(model.policy, tok, queries, cfg.eval.generation, cfg.eval.batch_size, cfg.eval.seed,
+                         progress, cfg.ppo.stop_sequences, keep_eos=True, synced_gpus=synced)
+    texts = tok.batch_decode(responses, skip_special_tokens=True)
+    rewards, raw = scorer(prompts, texts, refs) if scorer.delta else (None, scorer.source.score(prompts, texts))
+    m: dict = {}
+    m["eval/reward"], m["eval/reward_stderr"] = mean_and_stderr(raw)
+    if rewards is not None:
+        m["eval/reward_delta"], m["eval/reward_delta_stderr"] = mean_and_stderr(rewards)
+    gold = gold_scores(prompts, texts)
+    if gold is not None:
+        m["eval/gold"], m["eval/gold_stderr"] = mean_and_stderr(gold)
+    kls = sequence_kls(model, reference, tok, queries, responses, cfg.eval.batch_size, device)
+    m["eval/kl"], m["eval/kl_stderr"] = mean_and_stderr(kls)
+    if all(r is not None for r in refs):
+        m.update({f"eval/{k}": v for k, v in rouge(texts, refs).items()})
+    m["eval/response_length"] = sum(len(r) for r in responses) / len(responses)
+    model.train(was)
+    samples = [{"prompt": p, "completion": t, "reward": s, "kl": k, **({"reference": r} if r is not None else {}),
+                **({"gold": g} if gold is not None else {})}
+               for p, t, s, k, r, g in zip(prompts, texts, raw, kls, refs, gold or [None] * len(texts))]
+    return m, samples
+
+
+# --- the stage ---------------------------------------------------------------------------------------
+def _check_lengths(cfg, policy) -> None:
+    limit = max_positions(policy)
+    need = cfg.data.max_prompt_length + max(cfg.ppo.generation.max_new_tokens, cfg.eval.generation.max_new_tokens)
+    if limit and need > limit:
+        raise UserError(f"data.max_prompt_length + max_new_tokens ({need}) exceeds the model's {limit} positions")
+
+
+def _gold(prompts, texts) -> float | None:
+    g = gold_scores(prompts, texts)
+    return sum(g) / len(g) if g else None
+
+
+def _show_samples(console, samples: list[dict], step: int, n: int = 2) -> None:
+    for s in samples[:n]:
+        console.print(f"  [dim]step {step} sample:[/] ...{s['prompt'][-60:]!r} -> {s['completion'][:120]!r} "
+                      f"(reward {s['reward']:.3f})", highlight=False)
+
+
+@torch.no_grad()
+def collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, cfg, device, timings,
+                     progress, num_rollouts: int, synced: bool = False) -> Rollouts:
+    """This process's `num_rollouts` rollouts; every process scores its own (no rank-0 bottleneck)."""
+    P = cfg.ppo
+    queries, responses, texts, prompts, raw, used = [], [], [], [], [], []
+    lps, refs_lp, vals = [], [], []
+    core.eval()
+    task = progress.add_task("rollouts", total=num_rollouts, info="")
+    while len(queries) < num_rollouts:
+        idx = prompt_batches.indices(state["prompt_position"])[: num_rollouts - len(queries)]
+        state["prompt_position"] += 1
+        chunk = [data.train[i] for i in idx]
+        q = ([data.train_ids[i] for i in idx] if data.train_ids is not None
+             else [encode_prompt(tok, p, cfg.data.max_prompt_length)[0] for p, _ in chunk])
+        t = time.perf_counter()
+        # old log-probs and values come with the samples; under ZeRO-3 (every process steps until all
+        # are done) HF generate samples and a forward pass scores
+        s = None if synced else sampling.sample(core, tok, q, P.generation, P.stop_sequences)
+        r = s.responses if s is not None else generate(core.policy, tok, q, P.generation, len(q), None,
+                                                       stop_sequences=P.stop_sequences, keep_eos=True,
+                                                       synced_gpus=synced)
+        timings["generate"] += time.perf_counter() - t
+        txt = tok.batch_decode(r, skip_special_tokens=True)
+        t = time.perf_counter()
+        try:
+            rewards, raw_scores = scorer([p for p, _ in chunk], txt, [ref for _, ref in chunk])
+        except UserError as e:  # e.g. a NaN score: name where the run stopped (its last checkpoint is kept)
+            raise UserError(f"at step {state['step']} (iteration {state['iteration'] + 1}): {e}") from None
+        timings["score"] += time.perf_counter() - t
+        t = time.perf_counter()
+        b = collate(q, r, tok.pad_token_id, device)
+        R = b.responses.shape[1]
+        if s is None:
+            logits, values = response_outputs(core, b)
+            lp = L.token_logprobs(logits, b.responses)
+        ref = L.token_logprobs(reference.logits(b.input_ids, b.attention_mask, R + 1)[:, :-1], b.responses)
+        timings["forward"] += time.perf_counter() - t
+        for j in range(len(q)):
+            n = len(r[j])
+            lps.append(s.logprobs[j].to(device) if s is not None else lp[j, :n].float())
+            refs_lp.append(ref[j, :n].float())
+            vals.append(s.values[j].to(device) if s is not None else values[j, :n].float())
+        queries += q
+        responses += r
+        texts += txt
+        prompts += [p for p, _ in chunk]
+        raw += raw_scores
+        used += rewards
+        progress.advance(task, len(q))
+    progress.remove_task(task)
+    core.train()
+    width = max(len(r) for r in responses)
+    mask = _pad_to([torch.ones(len(r), device=device) for r in responses], width)
+    return Rollouts(queries, responses, _pad_to(lps, width), _pad_to(refs_lp, width), _pad_to(vals, width), mask,
+                    torch.tensor(used, dtype=torch.float32), raw, texts, prompts)
+
