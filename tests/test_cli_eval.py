@@ -13,7 +13,7 @@ def _flat(text: str) -> str:
 
 
 def test_rouge_against_a_hand_checked_pair():
-    from rlhf_cli.eval.metrics import rouge
+    from rlhf_cli.metrics import rouge
 
     r = rouge(["the cat sat"], ["the cat sat on the mat"])
     # unigrams: precision 3/3, recall 3/6 -> F 2/3; bigrams: 2/2 and 2/5 -> F 4/7; LCS 3 -> F 2/3

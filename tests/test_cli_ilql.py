@@ -54,18 +54,21 @@ def test_steered_generation_with_beta_zero_is_the_policy(sft_ckpt):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf_cli.heads import ILQLHeads, ilql_generate
+    from rlhf_cli.config import GenerationConfig
+    from rlhf_cli.heads import ILQLHeads
     from rlhf_cli.models import load_tokenizer
+    from rlhf_cli.sampling import ilql_generate
 
     tok = load_tokenizer(str(sft_ckpt))
     policy = AutoModelForCausalLM.from_pretrained(str(sft_ckpt))
     heads = ILQLHeads(policy.config.n_embd, policy.config.vocab_size)
     ids = [tok("TL;DR:", add_special_tokens=False)["input_ids"]] * 3
-    a = ilql_generate(policy, heads, tok, ids, 0.0, 6, 0, 1.0, 3, seed=0)
+    gen = GenerationConfig(max_new_tokens=6)
+    a = ilql_generate(policy, heads, tok, ids, 0.0, gen, 0, 3, seed=0)
     with torch.no_grad():  # heads of any value leave beta = 0 unchanged
         for p in heads.parameters():
             p.add_(torch.randn_like(p))
-    assert ilql_generate(policy, heads, tok, ids, 0.0, 6, 0, 1.0, 3, seed=0) == a
+    assert ilql_generate(policy, heads, tok, ids, 0.0, gen, 0, 3, seed=0) == a
 
 
 def test_ilql_on_a_rewarded_file(sft_ckpt, tmp_path):

@@ -77,12 +77,12 @@ def test_only_the_top_block_trains_and_the_reference_stays_the_initial_model():
     from rlhf_cli.config import TinyModelConfig
     from rlhf_cli.heads import PolicyWithValueHead, Reference
     from rlhf_cli.models import build_tiny, train_tokenizer
-    from rlhf_cli.trainers.ppo import _freeze
+    from rlhf_cli.models import train_top_blocks
 
     tok = train_tokenizer(["my sister broke my laptop. tl;dr: sister broke laptop."] * 50, 300, 64)
     policy = build_tiny(TinyModelConfig(n_layer=3, n_embd=32, n_head=2, n_positions=64), tok, seed=0)
     initial = copy.deepcopy(policy)
-    _freeze(policy, 1)
+    train_top_blocks(policy, 1)
     model = PolicyWithValueHead(policy)
     reference = Reference(policy)
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
@@ -106,7 +106,7 @@ def test_only_the_top_block_trains_and_the_reference_stays_the_initial_model():
 
 
 def test_stop_sequences_cut_on_sampled_token_boundaries():
-    from rlhf_cli.eval.generation import cut_at_stop
+    from rlhf_cli.sampling import cut_at_stop
     from rlhf_cli.models import train_tokenizer
 
     tok = train_tokenizer(["\n\nHuman: hi there\n\nAssistant: hello, take it to a vet."] * 50, 300, 64)
@@ -121,7 +121,7 @@ def test_stop_sequences_cut_on_sampled_token_boundaries():
 
 def test_rollouts_end_with_eos_after_a_stop_sequence(sft_ckpt):
     from rlhf_cli.config import GenerationConfig
-    from rlhf_cli.eval.generation import generate
+    from rlhf_cli.sampling import generate
     from rlhf_cli.models import load_tokenizer
     from transformers import AutoModelForCausalLM
 

@@ -26,7 +26,7 @@ def test_rm_checkpoint_loads_as_a_plain_sequence_classifier(rm_ckpt, sft_ckpt):
     t = AutoTokenizer.from_pretrained(rm_ckpt)
     assert m.config.num_labels == 1 and m.config.pad_token_id == t.pad_token_id
     manifest = json.loads((rm_ckpt / "rlhf_stage.json").read_text())
-    assert manifest["stage"] == "rm" and manifest["parent"]["path"] == str(sft_ckpt.resolve())
+    assert manifest["stage"] == "train-rm" and manifest["parent"]["path"] == str(sft_ckpt.resolve())
     assert manifest["parent"]["content_hash"] == json.loads((sft_ckpt / "rlhf_stage.json").read_text())["content_hash"]
     assert {"eval/accuracy", "eval/margin", "eval/chosen_mean", "eval/rejected_std", "eval/gold_accuracy"} <= set(manifest["metrics"])
     assert manifest["frozen_blocks"] == 0  # the micro model has one block: int(0.7 * 1) = 0

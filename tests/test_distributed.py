@@ -89,14 +89,13 @@ def test_every_gpu_preset_dry_runs_with_a_memory_estimate(tmp_path):
     import yaml
     from conftest import run_cli
 
-    command = {"sft": "sft", "rm": "train-rm", "dpo": "dpo", "ppo": "ppo", "ilql": "ilql"}
     checked = 0
     for path in sorted((ROOT / "stage_configs").glob("*.yaml")):
         raw = yaml.safe_load(path.read_text())
         for preset in raw.get("presets") or {}:
             if preset == "tiny":
                 continue
-            r = run_cli(command[raw["stage"]], "--config", str(path), "--preset", preset, "--dry-run",
+            r = run_cli(raw["stage"], "--config", str(path), "--preset", preset, "--dry-run",
                         "--output-dir", str(tmp_path / f"{path.stem}-{preset}"))
             assert r.exit_code == 0, (path.name, preset, r.output)
             flat = " ".join(r.output.replace("│", " ").split())  # the plan table wraps long values

@@ -8,7 +8,8 @@ from rlhf_cli import sampling
 from rlhf_cli.config import GenerationConfig
 from rlhf_cli.heads import PolicyWithValueHead
 from rlhf_cli.losses.ppo import token_logprobs
-from rlhf_cli.trainers.ppo import collate, response_outputs
+from rlhf_cli.sampling import collate_responses
+from rlhf_cli.trainers.rollouts import response_outputs
 
 
 def test_draw_follows_the_probabilities_and_never_picks_an_impossible_token():
@@ -21,13 +22,17 @@ def test_draw_follows_the_probabilities_and_never_picks_an_impossible_token():
     assert ((counts - n * p).abs() <= 4 * sigma + 1e-9).all(), counts
 
 
-def test_filter_logits_top_k_and_top_p():
+def test_warpers_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]]))
-    kept = lambda x: torch.isfinite(x)[0].tolist()  # noqa: E731
-    assert kept(sampling.filter_logits(logits, 2, 1.0)) == [False, True, False, True, False]
+
+    def kept(**kw):
+        return torch.isfinite(sampling.warpers(**kw)(None, logits.clone()))[0].tolist()
+    assert kept(top_k=2) == [False, True, False, True, False]
     # nucleus 0.8: 0.4 + 0.3 = 0.7 < 0.8, so 0.15 joins; 0.1 and 0.05 do not
-    assert kept(sampling.filter_logits(logits, 0, 0.8)) == [False, True, False, True, True]
-    assert kept(sampling.filter_logits(logits, 0, 0.1)) == [False, True, False, False, False]  # at least one
+    assert kept(top_p=0.8) == [False, True, False, True, True]
+    assert kept(top_p=0.1) == [False, True, False, False, False]  # at least one
+    assert len(sampling.warpers()) == 0  # temperature 1, no top-k, top-p 1: nothing to apply
+    assert torch.allclose(sampling.warpers(temperature=2.0)(None, logits.clone()), logits / 2)
 
 
 class _Tok:
@@ -44,9 +49,9 @@ def test_logprobs_and_values_equal_a_forward_pass_over_the_samples():
         core.policy.transformer.wte.weight[1] *= 3  # EOS likely enough that some rows end early
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]] * 3
     gen = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
-    s = sampling.sample(core, _Tok(), prompts, gen)
+    s = sampling.sample(core.policy, _Tok(), prompts, gen, value_head=core.value_head)
     assert any(r[-1] == 1 for r in s.responses) and any(len(r) == 12 and 1 not in r for r in s.responses)
-    b = collate(prompts, s.responses, 0, "cpu")
+    b = collate_responses(prompts, s.responses, 0, "cpu")
     with torch.no_grad():
         logits, values = response_outputs(core, b)
         lp = token_logprobs(logits, b.responses)
@@ -65,6 +70,6 @@ def test_sampling_stops_when_every_row_has_ended():
     with torch.no_grad():
         core.policy.lm_head.weight[1] += 100 * core.policy.lm_head.weight[1].sign()  # EOS almost surely
     gen = GenerationConfig(max_new_tokens=50, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
-    s = sampling.sample(core, _Tok(), [[5, 6], [7, 8, 9]], gen)
+    s = sampling.sample(core.policy, _Tok(), [[5, 6], [7, 8, 9]], gen, value_head=core.value_head)
     assert all(r[-1] == 1 for r in s.responses)
     assert len(calls) <= max(len(r) for r in s.responses) < 50  # no forward after the last EOS

@@ -1,4 +1,4 @@
-"""The checkpoint contract (design notes §3).
+"""The checkpoint contract: what a stage's output directory holds (README, "Checkpoints").
 
     runs/sft/                     complete or absent, never half-written
       config.json model.safetensors tokenizer.json ...   plain Hugging Face model + tokenizer

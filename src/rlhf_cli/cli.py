@@ -59,7 +59,7 @@ def _guard(debug: bool, fn):
     except UserError as e:
         _fail(str(e))
     except KeyboardInterrupt as e:
-        from .trainers.common import Interrupted
+        from .trainers.rundir import Interrupted
 
         if isinstance(e, Interrupted):
             err.print(f"[yellow]stopped[/] at step {e.step}; checkpoint saved in {e.path}, continue with --resume")
@@ -77,7 +77,7 @@ def _guard(debug: bool, fn):
 
 def _graceful_signals() -> None:
     """SIGINT / SIGTERM: a training loop saves a checkpoint after its current step, then exits 130."""
-    from .trainers.common import STOP
+    from .trainers.rundir import STOP
 
     try:
         signal.signal(signal.SIGTERM, STOP.signal)
@@ -89,9 +89,8 @@ def _graceful_signals() -> None:
 def _quiet_libraries() -> None:
     """Our progress bars and messages only: no per-file bars from datasets / transformers."""
     import datasets
-    import transformers
-
     import torch
+    import transformers
 
     if not torch.cuda.is_available():  # else DeepSpeed, when installed, warns on import that it fell back to CPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -99,17 +98,6 @@ def _quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-
-
-def _resolve(stage: str, config, sets, preset, seed, output_dir):
-    from .config import load_config
-
-    cfg = load_config(config, stage, list(sets or []), preset)
-    if seed is not None:
-        cfg.seed = seed
-    dest = output_dir or (Path(cfg.output_dir) if cfg.output_dir else Path("runs") / stage)
-    cfg.output_dir = str(dest)
-    return cfg, Path(dest)
 
 
 def _print_plan(cfg, info: dict) -> None:
@@ -147,21 +135,6 @@ def _print_results(result: dict, stage: str) -> None:
     out.print(f"checkpoint: {result['output_dir']}")
 
 
-def _config_changed(cfg, dest: Path) -> bool:
-    """--resume on a complete checkpoint whose resolved config differs: it is retrained (and replaced
-    only once the new one is complete), so a rerun pipeline skips exactly the unchanged stages."""
-    from . import checkpoint as ck
-    from .trainers.common import config_changes
-
-    if not ck.is_complete(dest) or ck.partial_dir(dest).exists():
-        return False
-    changed = config_changes(cfg, dest)
-    if changed:
-        err.print(f"{dest} was trained with a different config ({', '.join(changed[:4])}"
-                  f"{', ...' if len(changed) > 4 else ''}); training it again")
-    return bool(changed)
-
-
 def _relaunch(d) -> bool:
     """Run this same command under torchrun / accelerate launch when the config asks for several
     processes and we are not one of them yet. Returns False when this process should train."""
@@ -186,15 +159,14 @@ def _relaunch(d) -> bool:
 CLEAR = object()  # a stage flag value meaning "set this config key to null"
 
 
-def _run_stage(stage: str, trainer_module: str, title: str, config, sets, preset, seed, output_dir, resume,
-               overwrite, dry_run, debug, **fields) -> None:
+def _run_stage(stage: str, config, sets, preset, seed, output_dir, resume, overwrite, dry_run, debug,
+               **fields) -> None:
     """Resolve the stage config, set the stage's own flags (`fields`), then plan or train."""
     def go():
-        import importlib
+        from . import api
 
-        trainer = importlib.import_module(f".trainers.{trainer_module}", __package__)
         _quiet_libraries()
-        cfg, dest = _resolve(stage, config, sets, preset, seed, output_dir)
+        cfg, dest = api.resolve(stage, config, list(sets or []), preset, seed, output_dir)
         for key, value in fields.items():
             if value is not None:
                 value = None if value is CLEAR else value
@@ -204,12 +176,10 @@ def _run_stage(stage: str, trainer_module: str, title: str, config, sets, preset
                     target = getattr(target, part)
                 setattr(target, leaf, value)
         if dry_run:
-            return _print_plan(cfg, trainer.plan(cfg, dest))
+            return _print_plan(cfg, api.plan(cfg, dest))
         if _relaunch(cfg.distributed):
             return
-        retrain = resume and _config_changed(cfg, dest)
-        _print_results(trainer.run(cfg, dest, resume=resume and not retrain, overwrite=overwrite or retrain,
-                                   console=err), title)
+        _print_results(api.run(cfg, dest, resume=resume, overwrite=overwrite, console=err), stage)
     _guard(debug, go)
 
 
@@ -219,7 +189,7 @@ def sft(config: ConfigOpt = None, set_: SetOpt = None, preset: PresetOpt = None,
         resume: ResumeOpt = False, overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False,
         seed: SeedOpt = None, trust_remote_code: TrustOpt = False, debug: DebugOpt = False):
     """Supervised fine-tuning of a causal LM on prompt/completion (or plain text) data."""
-    _run_stage("sft", "sft", "sft", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
+    _run_stage("sft", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
                model__trust_remote_code=trust_remote_code or None)
 
 
@@ -232,7 +202,7 @@ def train_rm(config: ConfigOpt = None, init_from: InitOpt = None, set_: SetOpt =
              output_dir: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
              dry_run: DryRunOpt = False, seed: SeedOpt = None, trust_remote_code: TrustOpt = False, debug: DebugOpt = False):
     """Train a reward model (scalar head, Bradley-Terry loss) on preference pairs."""
-    _run_stage("rm", "reward", "train-rm", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
+    _run_stage("train-rm", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
                init_from=init_from, model__trust_remote_code=trust_remote_code or None)
 
 
@@ -244,7 +214,7 @@ def dpo(config: ConfigOpt = None, policy: PolicyOpt = None, set_: SetOpt = None,
         output_dir: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
         dry_run: DryRunOpt = False, seed: SeedOpt = None, trust_remote_code: TrustOpt = False, debug: DebugOpt = False):
     """Direct preference optimisation of a policy on preference pairs (no reward model)."""
-    _run_stage("dpo", "dpo", "dpo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
+    _run_stage("dpo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
                policy=policy, model__trust_remote_code=trust_remote_code or None)
 
 
@@ -253,7 +223,7 @@ def ilql(config: ConfigOpt = None, policy: PolicyOpt = None, set_: SetOpt = None
          output_dir: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
          dry_run: DryRunOpt = False, seed: SeedOpt = None, trust_remote_code: TrustOpt = False, debug: DebugOpt = False):
     """Offline RL with ILQL: Q/V heads learned from rewarded samples steer generation."""
-    _run_stage("ilql", "ilql", "ilql", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
+    _run_stage("ilql", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
                policy=policy, model__trust_remote_code=trust_remote_code or None)
 
 
@@ -274,7 +244,7 @@ def ppo(config: ConfigOpt = None, policy: PolicyOpt = None, reward_ckpt: RewardC
     # a reward flag replaces the config's reward source rather than adding a second one
     reward = {f"reward__{k}": v or CLEAR for k, v in (("ckpt", reward_ckpt), ("fn", reward_fn), ("url", reward_url),
                                                     ("classifier", None))} if given else {}
-    _run_stage("ppo", "ppo", "ppo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
+    _run_stage("ppo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
                policy=policy, reward__delta=delta, **reward, model__trust_remote_code=trust_remote_code or None)
 
 
@@ -302,52 +272,19 @@ def eval_(
 ):
     """Evaluate policies side by side: ROUGE, reward and Δ, gold, KL, length; report.md/json, samples, plots."""
     def go():
-        import json
-
-        from . import checkpoint as ck
-        from .config import DataConfig, GenerationConfig, load_config, to_dict
-        from .eval import report
-        from .rewards import make_reward
+        from .report import EvalRequest, run_eval, table
         from .trainers.common import progress_bar
 
         _quiet_libraries()
-        for c in ckpt:
-            if not Path(c).exists():
-                raise UserError(f"checkpoint {c} does not exist")
-        if reward and not any((reward_ckpt, reward_fn, reward_url)):
-            raise UserError("--reward needs --reward-ckpt, --reward-fn or --reward-url")
-        if config is not None:  # the data section of any stage config
-            import yaml
-
-            raw = yaml.safe_load(config.read_text()) if config.is_file() else None
-            data_cfg = load_config(config, (raw or {}).get("stage", "sft") if isinstance(raw, dict) else "sft").data
-        else:
-            saved = ((ck.read_manifest(Path(ckpt[0])) or {}).get("config") or {}).get("data")
-            data_cfg = DataConfig(**saved) if saved and not data else DataConfig(source=data or "synthetic:tldr")
-        if data_cfg.source.startswith("synthetic:"):
-            data_cfg = data_cfg.model_copy(update={"synthetic": data_cfg.synthetic.model_copy(
-                update={"num_eval": max(num_samples, data_cfg.synthetic.num_eval)})})
-        pairs = report.load_eval_prompts(data_cfg, 42, num_samples)
-        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0)
-        settings = {"checkpoints": ckpt, "content_hashes": [ck.content_hash(Path(c)) for c in ckpt],
-                    "data": to_dict(data_cfg), "num_samples": len(pairs), "seed": seed, "rouge": rouge_,
-                    "max_new_tokens": max_new_tokens, "temperature": temperature, "beta": beta, "ref_ckpt": ref_ckpt,
-                    "reward": [reward_ckpt, reward_fn, reward_url] if reward else None,
-                    "reward_hash": ck.content_hash(Path(reward_ckpt)) if reward and reward_ckpt else None}
-        saved = output_dir / "report.json"
-        if saved.is_file() and json.loads(saved.read_text()).get("settings") == settings:
-            rows = json.loads(saved.read_text())["results"]
-            out.print(report.table(rows, f"rlhf eval: {len(pairs)} held-out prompts of {data_cfg.source}"))
-            out.print(f"report: {output_dir} is up to date (same checkpoints, data and settings); nothing to do")
-            return
-        source = make_reward(reward_ckpt, reward_fn, reward_url, batch_size=batch_size) if reward else None
+        req = EvalRequest(ckpt, data, config, rouge_, reward, reward_ckpt, reward_fn, reward_url, ref_ckpt, beta,
+                          num_samples, max_new_tokens, temperature, batch_size, seed, output_dir)
         with progress_bar(err, True) as progress:
-            rows, samples = report.evaluate_checkpoints(
-                ckpt, pairs, gen, reward=source, ref=ref_ckpt, beta=beta, use_rouge=rouge_, batch_size=batch_size,
-                seed=seed, max_prompt_length=data_cfg.max_prompt_length, progress=progress)
-        files = report.write_report(rows, samples, output_dir, settings)
-        out.print(report.table(rows, f"rlhf eval: {len(pairs)} held-out prompts of {data_cfg.source}"))
-        out.print(f"report: {output_dir} ({', '.join(files)})")
+            result = run_eval(req, progress)
+        out.print(table(result.rows, result.title))
+        if result.files is None:
+            out.print(f"report: {output_dir} is up to date (same checkpoints, data and settings); nothing to do")
+        else:
+            out.print(f"report: {output_dir} ({', '.join(result.files)})")
     _guard(debug, go)
 
 
@@ -367,7 +304,7 @@ def score(
     def go():
         import json
 
-        from .eval.metrics import mean_and_stderr
+        from .metrics import mean_and_stderr
         from .rewards import make_reward
 
         _quiet_libraries()

@@ -69,11 +69,11 @@ class DataConfig(Section):
         None, description="Held-out split; default: the 'test'/'valid' split if present, else eval_fraction."
     )
     eval_fraction: float = Field(0.05, gt=0, lt=1, description="Held-out share when no eval split exists.")
-    format: Literal["auto", "tldr", "comparisons", "hh", "text", "rewarded"] = Field(
+    format: Literal["auto", "tldr", "comparisons", "hh", "text", "rewarded", "prompt"] = Field(
         "auto",
         description="tldr (prompt, label) | comparisons (prompt, chosen, rejected) | hh (chosen/rejected "
-        "dialogues) | text (one column trained whole) | rewarded (prompt, completion, reward: ILQL); "
-        "auto picks from the columns.",
+        "dialogues) | text (one column trained whole) | rewarded (prompt, completion, reward: ILQL) | prompt "
+        "(prompts only: PPO); auto picks from the columns.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename columns to the schema's names, e.g. {prompt: post}."
@@ -166,6 +166,17 @@ class StageConfig(Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
 
+class PolicyStageConfig(StageConfig):
+    """What every stage that starts from a trained policy shares (dpo, ppo, ilql)."""
+
+    policy: str | None = Field(None, description="Policy to start from (an SFT checkpoint or a hub name); also the "
+                               "reference where the method has one. Default: model.name_or_path.")
+
+    @property
+    def policy_source(self) -> str:
+        return self.policy or self.model.name_or_path
+
+
 class SFTConfig(StageConfig):
     stage: Literal["sft"] = "sft"
 
@@ -176,7 +187,7 @@ class RewardLossConfig(Section):
 
 
 class RMConfig(StageConfig):
-    stage: Literal["rm"] = "rm"
+    stage: Literal["train-rm"] = "train-rm"
     init_from: str | None = Field(
         None, description="Checkpoint the reward model starts from (an SFT policy, an RM, or a hub name); "
         "default: model.name_or_path."
@@ -187,6 +198,10 @@ class RMConfig(StageConfig):
                                "concatenated pass over chosen and rejected.")
     loss: RewardLossConfig = Field(default_factory=RewardLossConfig, description="Pairwise loss options.")
 
+    @property
+    def init_source(self) -> str:
+        return self.init_from or self.model.name_or_path
+
 
 class DPOLossConfig(Section):
     beta: float = Field(0.1, gt=0, description="Strength of the KL tie to the reference (DPO's beta).")
@@ -195,10 +210,8 @@ class DPOLossConfig(Section):
     rpo_alpha: float = Field(0.0, ge=0, description="Weight of the chosen response's NLL (RPO); 0 disables.")
 
 
-class DPOConfig(StageConfig):
+class DPOConfig(PolicyStageConfig):
     stage: Literal["dpo"] = "dpo"
-    policy: str | None = Field(None, description="Policy to optimise (an SFT checkpoint); it is also the reference. "
-                               "Default: model.name_or_path.")
     loss: DPOLossConfig = Field(default_factory=DPOLossConfig, description="DPO loss options.")
     precompute_ref_logps: bool = Field(
         False, description="Compute the reference log-probs once over the data and cache them (no reference "
@@ -251,10 +264,8 @@ class PPOMethodConfig(Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Rollout sampling kwargs.")
 
 
-class PPOConfig(StageConfig):
+class PPOConfig(PolicyStageConfig):
     stage: Literal["ppo"] = "ppo"
-    policy: str | None = Field(None, description="Policy to optimise (an SFT checkpoint); also the KL reference. "
-                               "Default: model.name_or_path.")
     init_sft_steps: int = Field(0, ge=0, description="When the policy is 'tiny', first train it with this many SFT "
                                 "steps on the data's text (the stand-in for a pretrained LM such as gpt2-imdb).")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Where rewards come from.")
@@ -278,15 +289,14 @@ class ILQLMethodConfig(Section):
     gen_top_k: int = Field(20, ge=0, description="Top-k of steered sampling; 0 disables.")
 
 
-class ILQLConfig(StageConfig):
+class ILQLConfig(PolicyStageConfig):
     stage: Literal["ilql"] = "ilql"
-    policy: str | None = Field(None, description="Policy the heads are trained on (an SFT checkpoint). "
-                               "Default: model.name_or_path.")
     ilql: ILQLMethodConfig = Field(default_factory=ILQLMethodConfig, description="ILQL hyper-parameters (trlx names).")
 
 
-STAGES: dict[str, type[StageConfig]] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig,
-                                        "ilql": ILQLConfig}
+CONFIGS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "train-rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig,
+                                         "ilql": ILQLConfig}
+LEGACY_NAMES = {"rm": "train-rm"}  # `stage: rm` in configs written before the stage had one name
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -335,6 +345,16 @@ def parse_override(item: str) -> dict:
     return out
 
 
+def nested(dotted: str, value) -> dict:
+    """'a.b', v -> {'a': {'b': v}}."""
+    if not dotted or any(not part for part in dotted.split(".")):
+        raise UserError(f"override key {dotted!r} has an empty part")
+    out = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
 def _looks_like_float(raw: str) -> bool:
     try:
         float(raw)
@@ -377,9 +397,9 @@ def _describe(err: dict, model: type[BaseModel], source: str) -> str:
 def validate(raw: dict, source: str) -> StageConfig:
     """Validate a fully merged dict; raise UserError with one sentence on the first problem."""
     stage = raw.get("stage")
-    if stage not in STAGES:
-        raise UserError(f"{source} must set 'stage' to one of {', '.join(STAGES)} (got {stage!r})")
-    model = STAGES[stage]
+    if stage not in CONFIGS:
+        raise UserError(f"{source} must set 'stage' to one of {', '.join(CONFIGS)} (got {stage!r})")
+    model = CONFIGS[stage]
     try:
         return model.model_validate(raw)
     except ValidationError as e:
@@ -392,21 +412,27 @@ def validate(raw: dict, source: str) -> StageConfig:
 def load_config(
     path: str | Path | None,
     stage: str,
-    overrides: list[str] = (),
+    overrides: list[str] | dict = (),
     preset: str | None = None,
 ) -> StageConfig:
-    """Read a stage config, apply its preset and overrides, and validate it."""
+    """Read a stage config, apply its preset and overrides, and validate it.
+
+    `overrides`: `--set` strings ("train.learning_rate=1e-4", the value read as YAML), or a mapping of
+    dotted keys to values ({"train.learning_rate": 1e-4}, the Python API's).
+    """
+    stage = LEGACY_NAMES.get(stage, stage)
     raw: dict = _read_yaml(Path(path)) if path else {}
     source = str(path) if path else "the defaults"
     raw.setdefault("stage", stage)
+    raw["stage"] = LEGACY_NAMES.get(raw["stage"], raw["stage"])
     if raw["stage"] != stage:
         raise UserError(f"{source} is a '{raw['stage']}' config, but this is `rlhf {stage}`")
     presets = raw.pop("presets", None) or {}
     if not isinstance(presets, dict):
         raise UserError(f"'presets' in {source} must map preset names to partial configs")
-    cli = {}
+    cli: dict = {}
     for item in overrides:
-        cli = deep_merge(cli, parse_override(item))
+        cli = deep_merge(cli, nested(item, overrides[item]) if isinstance(overrides, dict) else parse_override(item))
     name = preset or cli.get("preset") or raw.get("preset") or "tiny"
     if name not in presets and name != "tiny":
         have = ", ".join(["tiny", *[p for p in presets if p != "tiny"]])

@@ -8,10 +8,17 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.func import functional_call
+
+from .models import position_ids, sequence_rewards
+from .shared_prompt import completion_rewards
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -22,11 +29,6 @@ def hidden_size(config) -> int:
         if getattr(c, name, None):
             return getattr(c, name)
     raise ValueError(f"cannot find the hidden size of {type(config).__name__}")
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so a left-padded prompt starts at position 0 (as in generate)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class PolicyWithValueHead(nn.Module):
@@ -57,8 +59,6 @@ class PolicyWithValueHead(nn.Module):
         return out.logits, self.value_head(hidden).squeeze(-1).float()
 
     def save_pretrained(self, dest, state_dict=None, safe_serialization=True, **kw):
-        from safetensors.torch import save_file
-
         state_dict = state_dict if state_dict is not None else self.state_dict()
         lm = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
         head = {k.removeprefix("value_head."): v.detach().contiguous().cpu()
@@ -70,8 +70,6 @@ class PolicyWithValueHead(nn.Module):
 
     def load_value_head(self, directory: Path) -> bool:
         """Load value_head.safetensors from `directory` when it has one (a PPO checkpoint)."""
-        from safetensors.torch import load_file
-
         path = Path(directory) / VALUE_HEAD_FILE
         if not path.is_file():
             return False
@@ -97,8 +95,6 @@ class Reference:
 
     @torch.no_grad()
     def logits(self, input_ids, attention_mask, num_logits: int) -> torch.Tensor:
-        from torch.func import functional_call
-
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                       use_cache=False, logits_to_keep=num_logits)
         return functional_call(self.policy, self.params, args=(), kwargs=kwargs, strict=False).logits
@@ -109,12 +105,7 @@ class FrozenCopy:
     weights are sharded and cannot be swapped in (each process holds the full copy)."""
 
     def __init__(self, policy: nn.Module):
-        import copy
-
         self.model = copy.deepcopy(policy).eval().requires_grad_(False)
-
-    def numel(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
 
     @torch.no_grad()
     def logits(self, input_ids, attention_mask, num_logits: int) -> torch.Tensor:
@@ -149,16 +140,12 @@ class ILQLHeads(nn.Module):
         return [q(hidden) for q in self.qs], target, self.v(hidden).squeeze(-1)
 
     def save(self, directory, state_dict=None) -> None:
-        from safetensors.torch import save_file
-
         sd = state_dict if state_dict is not None else self.state_dict()
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(Path(directory) / ILQL_HEADS_FILE),
                   metadata={"format": "pt", "two_qs": str(self.two_qs), "architecture": "Linear(H,2H)-ReLU-Linear(2H,out)"})
 
     @classmethod
     def load(cls, directory) -> "ILQLHeads":
-        from safetensors import safe_open
-
         path = Path(directory) / ILQL_HEADS_FILE
         with safe_open(str(path), "pt") as f:
             two_qs = f.metadata().get("two_qs") == "True"
@@ -190,57 +177,6 @@ class PolicyWithILQLHeads(nn.Module):
         self.heads.save(dest, {k.removeprefix("heads."): v for k, v in state_dict.items() if k.startswith("heads.")})
 
 
-@torch.no_grad()
-def ilql_generate(policy, heads: ILQLHeads, tokenizer, prompt_ids: list[list[int]], beta: float, max_new_tokens: int,
-                  top_k: int, temperature: float, batch_size: int, seed: int, progress=None) -> list[list[int]]:
-    """Sample with logits log pi + beta * (min Q_target - V), top-k, temperature (trlx's ILQL generate),
-    token by token with the KV cache. Returns completion ids without EOS. beta = 0 samples the policy."""
-    from .data.tokenize import pad_left
-    from .losses.ilql import steered_logits
-
-    device = next(policy.parameters()).device
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    out: list[list[int]] = []
-    was = policy.training
-    policy.eval()
-    task = progress.add_task(f"generating (beta {beta:g})", total=len(prompt_ids), info="") if progress else None
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for i in range(0, len(prompt_ids), batch_size):
-            chunk = prompt_ids[i: i + batch_size]
-            ids = pad_left(chunk, pad).to(device)
-            mask = pad_left([[1] * len(c) for c in chunk], 0).to(device)
-            pos = position_ids(mask)
-            res = policy(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, output_hidden_states=True)
-            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-            new = []
-            for _ in range(max_new_tokens):
-                h = res.hidden_states[-1][:, -1]
-                _, tq, v = heads(h)
-                scores = steered_logits(res.logits[:, -1], tq, v, beta)
-                if top_k:
-                    kth = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
-                    scores = scores.masked_fill(scores < kth, float("-inf"))
-                tok = torch.multinomial(torch.softmax(scores / temperature, -1), 1).squeeze(-1)
-                tok = torch.where(done, torch.full_like(tok, pad), tok)
-                new.append(tok)
-                done |= tok == eos
-                if done.all():
-                    break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-                pos = pos[:, -1:] + 1
-                res = policy(input_ids=tok[:, None], attention_mask=mask, position_ids=pos,
-                             past_key_values=res.past_key_values, use_cache=True, output_hidden_states=True)
-            for row in torch.stack(new, 1).tolist():
-                out.append(row[: row.index(eos)] if eos in row else row)
-            if task is not None:
-                progress.advance(task, len(chunk))
-    if task is not None:
-        progress.remove_task(task)
-    policy.train(was)
-    return out
-
-
 class PooledReward(nn.Module):
     """A reward model's training forward: one scalar per sequence, read at its last real token.
 
@@ -258,9 +194,6 @@ class PooledReward(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, shared=None):
         """Rewards of the rows of `input_ids`, or of the completions of a `shared_prompt.Shared` batch."""
-        from .models import sequence_rewards
-        from .shared_prompt import completion_rewards
-
         if shared is not None:
             return completion_rewards(self.model, shared)
         return sequence_rewards(self.model, input_ids, attention_mask)

@@ -62,7 +62,7 @@ def _estimate(cfg, size, n: int, zero: int, short: bool = False) -> str:
     params, blocks = size
     stage = cfg.stage
     trainable = params
-    if stage == "rm":
+    if stage == "train-rm":
         trainable = params * (1 - cfg.freeze_fraction)
     elif stage == "ppo" and cfg.ppo.num_layers_unfrozen >= 0 and blocks:
         trainable = params * min(1.0, cfg.ppo.num_layers_unfrozen / blocks)

@@ -4,6 +4,8 @@ local checkpoint directory, or a hub name. Checks that a checkpoint is of the ki
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from pathlib import Path
 
@@ -80,7 +82,7 @@ def expect_kind(path: Path, kind: str, flag: str) -> None:
         raise UserError(f"{flag} {path} is a {found} checkpoint, but {want} is expected here")
 
 
-def _pretrained(loader, name: str, what: str, **kw):
+def load_pretrained(loader, name: str, what: str, **kw):
     """`loader.from_pretrained(name)`, local first; one sentence when the hub is out of reach."""
     local = Path(name).expanduser()
     if local.exists():
@@ -99,7 +101,7 @@ def _pretrained(loader, name: str, what: str, **kw):
 def load_tokenizer(name: str, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
 
-    tok = _pretrained(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code, revision=revision)
+    tok = load_pretrained(AutoTokenizer, name, "tokenizer", trust_remote_code=trust_remote_code, revision=revision)
     if tok.eos_token_id is None:
         raise UserError(f"tokenizer '{name}' has no EOS token; completions could not be terminated")
     if tok.pad_token_id is None:
@@ -115,7 +117,7 @@ def load_causal_lm(name: str, model_cfg):
     if local.exists():
         expect_kind(local, "policy", "model.name_or_path")
     dtype = "auto" if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype)
-    model = _pretrained(AutoModelForCausalLM, name, "model", dtype=dtype, revision=model_cfg.revision,
+    model = load_pretrained(AutoModelForCausalLM, name, "model", dtype=dtype, revision=model_cfg.revision,
                         trust_remote_code=model_cfg.trust_remote_code)
     return fuse_gelu(model) if model_cfg.fuse_gelu else model
 
@@ -190,7 +192,7 @@ def load_reward_model(name: str, model_cfg, tokenizer):
     from transformers import AutoModelForSequenceClassification
 
     dtype = "auto" if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype)
-    model = _pretrained(AutoModelForSequenceClassification, name, "model", num_labels=1, dtype=dtype,
+    model = load_pretrained(AutoModelForSequenceClassification, name, "model", num_labels=1, dtype=dtype,
                         revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
     check_vocab(tokenizer, model, name)
     model.config.pad_token_id = tokenizer.pad_token_id  # HF's own pooling finds the last token by it
@@ -264,6 +266,19 @@ def freeze_bottom(model, num_frozen: int) -> None:
             pos.requires_grad_(False)
 
 
+def train_top_blocks(model, k: int) -> None:
+    """Train only the top k blocks (and what sits above them: final norm, head); -1 trains everything."""
+    if k < 0:
+        return
+    n = len(transformer_blocks(model))
+    if k > n:
+        raise UserError(f"ppo.num_layers_unfrozen is {k} but the model has only {n} blocks")
+    freeze_bottom(model, n - k)
+    if k == 0:
+        for block in transformer_blocks(model):
+            block.requires_grad_(False)
+
+
 def disable_dropout(model) -> None:
     """Dropout off: log-probs of the same tokens must not change between rollout and update (TRL does the same)."""
     import torch
@@ -284,3 +299,33 @@ def max_positions(model) -> int | None:
 
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def position_ids(attention_mask):
+    """Positions counted over real tokens only, so a left-padded prompt starts at position 0 (as in generate)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def new_cache(model):
+    """An empty transformers `DynamicCache` for `model`'s next cached forward passes."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=unwrap(model).config)
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword that hands `cache` to `model`'s forward: `cache` in transformers >= 5.24, where
+    `past_key_values` is deprecated, and `past_key_values` before."""
+    return {_cache_keyword(type(unwrap(model))): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def unwrap(model):
+    """The model inside DDP / DeepSpeed wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.tokenize import pad_left, pad_right
-from .heads import position_ids
+from .models import new_cache, position_ids, with_cache
 
 
 @dataclass
@@ -53,25 +53,32 @@ def split(groups: list[list[list[int]]], prompt_lens: list[int], pad_id: int) ->
     return Shared(p, pm, c, cm, k)
 
 
-def _completion_pass(fwd, s: Shared, past):
-    """The completions' forward, attending to the (repeated) prompt keys/values."""
+def _prompt_pass(fwd, s: Shared, **kw):
+    """The prompts' forward, filling a fresh KV cache; returns (output, cache)."""
+    cache = new_cache(fwd)
+    out = fwd(input_ids=s.prompt_ids, attention_mask=s.prompt_mask, position_ids=position_ids(s.prompt_mask),
+              use_cache=True, **with_cache(fwd, cache), **kw)
+    return out, cache
+
+
+def _completion_pass(fwd, s: Shared, cache):
+    """The completions' forward, attending to the (repeated) prompt keys/values in `cache`."""
     k = s.k
-    past.batch_repeat_interleave(k)
+    cache.batch_repeat_interleave(k)
     prompt_mask = s.prompt_mask.repeat_interleave(k, 0)
     start = prompt_mask.sum(1, keepdim=True)  # each completion continues its prompt's positions
     positions = start + torch.arange(s.completion_ids.shape[1], device=start.device)
     # padding after a short completion would run past the model's positions: it is masked anyway
     positions = positions.masked_fill(s.completion_mask == 0, 0)
     return fwd(input_ids=s.completion_ids, attention_mask=torch.cat([prompt_mask, s.completion_mask], 1),
-               position_ids=positions, past_key_values=past, use_cache=True)
+               position_ids=positions, use_cache=True, **with_cache(fwd, cache))
 
 
 def completion_logps(model, s: Shared) -> tuple[torch.Tensor, torch.Tensor]:
     """(B*k,) summed log-probs of each completion under a causal LM, and (B*k,) token counts."""
-    out = model(input_ids=s.prompt_ids, attention_mask=s.prompt_mask, position_ids=position_ids(s.prompt_mask),
-                use_cache=True, logits_to_keep=1)
+    out, cache = _prompt_pass(model, s, logits_to_keep=1)
     first = out.logits[:, -1:].repeat_interleave(s.k, 0)  # predicts each completion's first token
-    rest = _completion_pass(model, s, out.past_key_values).logits[:, :-1]
+    rest = _completion_pass(model, s, cache).logits[:, :-1]
     logits = torch.cat([first, rest], 1).float()  # (B*k, Tc, V): row t predicts completion token t
     token = torch.gather(F.log_softmax(logits, -1), 2, s.completion_ids.unsqueeze(-1)).squeeze(-1)
     mask = s.completion_mask.bool()
@@ -82,9 +89,8 @@ def completion_rewards(model, s: Shared) -> torch.Tensor:
     """(B*k,) scalar reward of each prompt + completion of a sequence classifier (`model.score`), read
     at the completion's last token."""
     base = model.base_model
-    out = base(input_ids=s.prompt_ids, attention_mask=s.prompt_mask, position_ids=position_ids(s.prompt_mask),
-               use_cache=True)
-    hidden = _completion_pass(base, s, out.past_key_values).last_hidden_state  # (B*k, Tc, H)
+    _, cache = _prompt_pass(base, s)
+    hidden = _completion_pass(base, s, cache).last_hidden_state  # (B*k, Tc, H)
     last = s.completion_mask.sum(1) - 1
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return model.score(pooled).squeeze(-1).float()

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from rlhf_cli.config import load_config
 from rlhf_cli.trainers import common
+from rlhf_cli.trainers.distributed import setup_accelerator
 from rlhf_cli.trainers.loop import accumulate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +29,7 @@ def micro_sets(**sets) -> list[str]:
 
 def build(stage_cls, config: str, stage: str, tmp_path, **sets):
     cfg = load_config(ROOT / "stage_configs" / config, stage, micro_sets(**sets))
-    acc = common.setup_accelerator(cfg)
+    acc = setup_accelerator(cfg)
     torch.manual_seed(0)
     st = stage_cls(cfg, tmp_path / stage, None, Console(quiet=True))
     st.world = (0, 1)
@@ -66,9 +67,9 @@ def test_sft(tmp_path):
 
 
 def test_reward_model(tmp_path):
-    from rlhf_cli.trainers.reward import RewardStage
+    from rlhf_cli.trainers.train_rm import RewardModelStage
 
-    check_split_equals_whole(*build(RewardStage, "tldr_rm.yaml", "rm", tmp_path))
+    check_split_equals_whole(*build(RewardModelStage, "tldr_rm.yaml", "train-rm", tmp_path))
 
 
 

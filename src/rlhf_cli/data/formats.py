@@ -6,6 +6,7 @@ Schemas (after `data.columns` renaming):
     hh           {chosen: "\\n\\nHuman: ..\\n\\nAssistant: ..", rejected}   Anthropic/hh-rlhf
     text         {text}                                              trained whole
     rewarded     {prompt, completion, reward}                        offline RL (ILQL)
+    prompt       {prompt}                                            prompts only (online RL)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ REQUIRED = {
     "hh": ("chosen", "rejected"),
     "text": ("text",),
     "rewarded": ("prompt", "completion", "reward"),
+    "prompt": ("prompt",),
 }
 
 
@@ -85,7 +87,7 @@ def rename_columns(rows: list[dict], columns: dict[str, str]) -> list[dict]:
 
 
 def detect_format(columns: set[str]) -> str | None:
-    for fmt in ("comparisons", "rewarded", "tldr", "hh", "text"):
+    for fmt in ("comparisons", "rewarded", "tldr", "hh", "text", "prompt"):
         if set(REQUIRED[fmt]) <= columns:
             return fmt
     return None
@@ -134,12 +136,14 @@ def sft_examples(rows: list[dict], fmt: str) -> tuple[list[SFTExample], int]:
                 prompt, completion = split_hh(row["chosen"])
             elif fmt == "rewarded":
                 prompt, completion = row["prompt"], row["completion"]
+            elif fmt == "prompt":  # no completion: online RL samples its own
+                prompt, completion = row["prompt"], ""
             else:
                 prompt, completion = "", row["text"]
         except (ValueError, TypeError, AttributeError):
             dropped += 1
             continue
-        if not isinstance(prompt, str) or not isinstance(completion, str) or not completion.strip():
+        if not isinstance(prompt, str) or not isinstance(completion, str) or not (completion.strip() or fmt == "prompt"):
             dropped += 1
             continue
         out.append(SFTExample(prompt, completion, meta))

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from ..hub import hub_error
-from . import synthetic
+from ..hub import hub_error, hub_reachable, offline_mode
+from . import formats, synthetic
 
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -32,6 +32,17 @@ class Split:
         for row in self.train:
             h.update(json.dumps(row, sort_keys=True, default=str).encode())
         return h.hexdigest()[:16]
+
+
+_IN_MEMORY: dict[str, list[dict]] = {}
+
+
+def in_memory(rows: list[dict], name: str) -> str:
+    """Register rows held in memory (the Python API's prompts or dataset) as the source `memory:<name>`."""
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"the in-memory data '{name}' must be a non-empty list of rows (dicts)")
+    _IN_MEMORY[name] = [dict(r) for r in rows]
+    return f"memory:{name}"
 
 
 def is_hub_name(source: str) -> bool:
@@ -137,6 +148,11 @@ def load_source(data_cfg, kind: str, seed: int) -> Split:
         rows = synthetic.generate(task, s.num_train + s.num_eval, s.seed, kind=kind, label_noise=s.label_noise)
         return Split(rows[: s.num_train], rows[s.num_train:], src, synthetic_task=task)
 
+    if src.startswith("memory:"):
+        if src[len("memory:"):] not in _IN_MEMORY:
+            raise UserError(f"data source '{src}' names rows held by another process; pass them to rlhf_cli.train")
+        train, held = _split(_IN_MEMORY[src[len("memory:"):]], data_cfg.eval_fraction, seed)
+        return Split(train, held, src)
     path = Path(src).expanduser()
     if path.exists():
         if path.is_dir():
@@ -152,8 +168,6 @@ def load_source(data_cfg, kind: str, seed: int) -> Split:
 
 def load_formatted(data_cfg, kind: str, seed: int) -> tuple[Split, str]:
     """`load_source`, then `data.columns` renaming and the format (given or detected from the columns)."""
-    from . import formats
-
     split = load_source(data_cfg, kind, seed)
     split.train = formats.rename_columns(split.train, data_cfg.columns)
     split.eval = formats.rename_columns(split.eval, data_cfg.columns)
@@ -175,8 +189,6 @@ class PairData:
 
 def load_pair_data(cfg, stage: str) -> PairData:
     """Preference pairs of `cfg.data` for `stage` (train-rm, dpo): comparisons or HH format."""
-    from . import formats
-
     split, fmt = load_formatted(cfg.data, kind="pairs", seed=cfg.seed)
     if fmt not in ("comparisons", "hh"):
         raise UserError(f"{stage} needs preference pairs (comparisons or hh format), but '{cfg.data.source}' "
@@ -238,8 +250,6 @@ def _load_dir(path: Path, data_cfg) -> dict[str, list[dict]]:
 
 def _load_hub(name: str, data_cfg) -> dict[str, list[dict]]:
     import datasets
-
-    from ..hub import hub_reachable, offline_mode
 
     if not offline_mode() and not hub_reachable():
         raise hub_error("dataset", name)  # fail in seconds, not after datasets' retries

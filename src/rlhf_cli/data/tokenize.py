@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .formats import join_text
+
 IGNORE_INDEX = -100  # label of a token that carries no loss (prompt, padding)
 SEPARATORS = ("TL;DR:", "\n\nAssistant:")  # kept on truncation
 
@@ -78,8 +80,6 @@ def sequence_parts(tokenizer, prompt: str, completion: str, max_length: int,
     if not prompt:
         ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
         return (ids[-max_length:] if completion.lstrip().startswith("Human:") else ids[:max_length]), 0
-    from .formats import join_text
-
     completion = join_text(prompt, completion)[len(prompt):]
     prompt_ids, _ = encode_prompt(tokenizer, prompt, max_prompt_length)
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]

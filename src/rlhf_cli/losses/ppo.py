@@ -33,13 +33,10 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(x - mean) / std over real tokens; padded positions come out 0."""
     mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:

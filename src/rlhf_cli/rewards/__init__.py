@@ -20,7 +20,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from ..data.tokenize import collate_pairs, sequence_ids
 from ..errors import UserError
+from ..models import expect_kind, fuse_gelu, load_tokenizer, sequence_rewards
+from .sentiment import ClassifierReward
 
 
 def _checked(scores, n: int, where: str) -> list[float]:
@@ -42,11 +48,6 @@ class CheckpointReward:
 
     def __init__(self, path: str, device: str | None = None, batch_size: int = 32, max_length: int = 512,
                  max_prompt_length: int | None = None):
-        import torch
-        from transformers import AutoModelForSequenceClassification
-
-        from ..models import expect_kind, fuse_gelu, load_tokenizer
-
         p = Path(path).expanduser()
         if not p.exists():
             raise UserError(f"reward checkpoint {path} does not exist")
@@ -60,11 +61,6 @@ class CheckpointReward:
         self.name = str(p)
 
     def score(self, prompts: list[str], completions: list[str], **metadata) -> list[float]:
-        import torch
-
-        from ..data.tokenize import collate_pairs, sequence_ids
-        from ..models import sequence_rewards
-
         ids = [sequence_ids(self.tokenizer, p, c, self.max_length, self.max_prompt_length)
                for p, c in zip(prompts, completions)]
         out: list[float] = []
@@ -76,10 +72,27 @@ class CheckpointReward:
         return _checked(out, len(prompts), f"reward model {self.name}")
 
 
+_IN_MEMORY: dict[str, object] = {}
+
+
+def in_memory(fn) -> str:
+    """Register a Python function (the Python API's `reward_fn`) as the reward source `memory:<name>`."""
+    if not callable(fn):
+        raise UserError(f"reward_fn must be callable, got {type(fn).__name__}")
+    spec = f"memory:{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    _IN_MEMORY[spec] = fn
+    return spec
+
+
 class CallableReward:
     """A Python function named `module:function`; only the module the user names is imported."""
 
     def __init__(self, spec: str):
+        if spec.startswith("memory:"):  # a function handed to rlhf_cli.train in this process
+            if spec not in _IN_MEMORY:
+                raise UserError(f"reward function '{spec}' was registered by another process; pass it to rlhf_cli.train")
+            self.fn, self.name = _IN_MEMORY[spec], spec
+            return
         if spec.count(":") != 1 or not all(spec.split(":")):
             raise UserError(f"--reward-fn expects module:function (e.g. my_rewards:score), got {spec!r}")
         module_name, fn_name = spec.split(":")
@@ -183,8 +196,6 @@ def make_reward(ckpt: str | None = None, fn: str | None = None, url: str | None 
                         + (" (or reward.classifier)" if classifier else "")
                         + (f"; got {len(given)}" if given else ""))
     if classifier:
-        from .sentiment import ClassifierReward
-
         source = ClassifierReward(classifier, positive_label, device=device, batch_size=kw.get("batch_size", 32))
     elif ckpt:
         source = CheckpointReward(ckpt, device=device, **{k: v for k, v in kw.items() if k in ("batch_size", "max_length")})

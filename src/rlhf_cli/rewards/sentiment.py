@@ -13,6 +13,7 @@ import math
 import re
 
 from ..errors import UserError
+from ..models import load_pretrained
 
 POSITIVE = frozenset("""
 good great wonderful brilliant funny beautiful moving charming excellent delightful fun best love loved lovely
@@ -54,14 +55,12 @@ class ClassifierReward:
     def __init__(self, name: str, positive_label: str = "POSITIVE", device: str | None = None, batch_size: int = 32):
         from transformers import pipeline
 
-        from ..models import _pretrained
-
-        class _Pipeline:  # _pretrained's loader protocol: local first, one sentence when the hub is unreachable
+        class _Pipeline:  # load_pretrained's loader protocol: local first, one sentence when the hub is unreachable
             @staticmethod
             def from_pretrained(n, local_files_only=False, **kw):
                 return pipeline("text-classification", model=n, model_kwargs={"local_files_only": local_files_only}, **kw)
 
-        self.pipe = _pretrained(_Pipeline, name, "classifier", top_k=None, truncation=True, device=device)
+        self.pipe = load_pretrained(_Pipeline, name, "classifier", top_k=None, truncation=True, device=device)
         labels = list(self.pipe.model.config.id2label.values())
         if positive_label not in labels:
             raise UserError(f"classifier {name} has no label '{positive_label}' (labels: {', '.join(labels)}); "

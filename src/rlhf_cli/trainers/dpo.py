@@ -9,27 +9,20 @@ from a frozen copy or from the precomputed cache, 4. backward the mean DPO loss,
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
 from pathlib import Path
 
 import torch
 
 from .. import checkpoint as ck
-from .. import shared_prompt
 from ..data.sources import PairData, load_pair_data
-from ..data.tokenize import collate_sft, sft_features
+from ..data.tokenize import sft_features
 from ..errors import UserError
-from ..eval.generation import generation_metrics
-from ..losses.dpo import dpo_loss, sequence_logps
+from ..losses.dpo import dpo_loss
+from ..metrics import generation_metrics
 from ..models import check_policy_source, count_params, disable_dropout, load_trained_policy, max_positions
-from . import common
-from .loop import Micro, Stage, StepLoss, fit
-
-
-def _policy_source(cfg) -> str:
-    return cfg.policy or cfg.model.name_or_path
+from . import common, distributed
+from .pair_logps import batch_logps, cached_reference
+from .stage import Micro, Stage, StepLoss
 
 
 def featurize(tok, pairs, data_cfg) -> list[dict]:
@@ -37,93 +30,6 @@ def featurize(tok, pairs, data_cfg) -> list[dict]:
     def f(p, c):
         return sft_features(tok, p, c, data_cfg.max_length, data_cfg.max_prompt_length)
     return [{"chosen": f(e.prompt, e.chosen), "rejected": f(e.prompt, e.rejected)} for e in pairs]
-
-
-def _prompt_len(f: dict) -> int:
-    return next((i for i, x in enumerate(f["labels"]) if x != -100), len(f["labels"]))
-
-
-def batch_logps(model, tok, chunk: list[dict], device,
-                share: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B,) summed logps and (B,) token counts of chosen and of rejected: the shared prompt once, then
-    both completions on its keys/values (`share`), else one pass over chosen + rejected concatenated."""
-    if share:
-        s = shared_prompt.split([[f["chosen"]["input_ids"], f["rejected"]["input_ids"]] for f in chunk],
-                                [_prompt_len(f["chosen"]) for f in chunk], tok.pad_token_id)
-        if s is not None:
-            logps, n = shared_prompt.completion_logps(model, s.to(device))
-            return logps[0::2], logps[1::2], n[0::2], n[1::2]
-    b = collate_sft([f["chosen"] for f in chunk] + [f["rejected"] for f in chunk], tok.pad_token_id)
-    logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
-    logps, n = sequence_logps(logits, b["labels"].to(device))
-    k = len(chunk)
-    return logps[:k], logps[k:], n[:k], n[k:]
-
-
-def reference_logps(ref, tok, feats: list[dict], batch_size: int, device, progress=None,
-                    batches: list[list[int]] | None = None, share: bool = True) -> torch.Tensor:
-    """(N, 2) reference log-probs [chosen, rejected] of every pair, no grad.
-
-    `batches` (index lists) fixes which pairs share a forward pass: given the training run's own
-    micro-batches, the values are bit-identical to what a frozen reference computes during training
-    (a different padding changes them by ~1e-6, which 300 Adam steps amplify past 1e-4).
-    """
-    out = torch.zeros(len(feats), 2)
-    covered = {i for b in batches or [] for i in b}
-    rest = [i for i in range(len(feats)) if i not in covered]
-    groups = list(batches or []) + [rest[i: i + batch_size] for i in range(0, len(rest), batch_size)]
-    task = progress.add_task("reference log-probs", total=len(feats), info="") if progress is not None else None
-    with torch.inference_mode():
-        for idx in groups:
-            c, r, _, _ = batch_logps(ref, tok, [feats[i] for i in idx], device, share)
-            out[idx] = torch.stack([c, r], dim=-1).float().cpu()
-            if task is not None:
-                progress.advance(task, len(idx))
-    if task is not None:
-        progress.remove_task(task)
-    return out
-
-
-def cache_key(cfg, data: PairData, tok, policy_path: str, batching: str = "") -> str:
-    """Changes when the data, the tokenizer, the reference weights, the truncation or the batching change."""
-    h = hashlib.sha256()
-    tok_json = tok.backend_tokenizer.to_str() if hasattr(tok, "backend_tokenizer") else str(tok.get_vocab())
-    ref = ck.content_hash(Path(policy_path)) if Path(policy_path).exists() else policy_path
-    for part in (data.fingerprint, json.dumps([len(data.train), len(data.eval)]), tok_json, str(ref),
-                 json.dumps([cfg.data.max_length, cfg.data.max_prompt_length]), batching):
-        h.update(part.encode())
-        h.update(b"\0")
-    h.update(json.dumps([(e.prompt, e.chosen, e.rejected) for e in data.eval]).encode())
-    return h.hexdigest()[:32]
-
-
-def cached_reference(cfg, data, tok, policy, feats, feats_eval, device, console, progress, batcher):
-    """Reference log-probs of train and held-out pairs, from the cache or computed once and stored.
-
-    The training pairs are scored in the run's first-epoch micro-batches (see reference_logps).
-    """
-    from safetensors.torch import load_file, save_file
-
-    batches = [batcher.indices(p) for p in range(batcher.batches_per_epoch)]
-    batching = json.dumps([cfg.seed, cfg.train.batch_size, batcher.world_size, batcher.rank, cfg.train.group_by_length,
-                           cfg.share_prompt])
-    root = Path(cfg.ref_cache_dir or Path.home() / ".cache" / "rlhf_cli" / "ref_logps").expanduser()
-    path = root / f"{cache_key(cfg, data, tok, _policy_source(cfg), batching)}.safetensors"
-    if path.exists():
-        t = load_file(str(path))
-        if t["train"].shape[0] == len(feats) and t["eval"].shape[0] == len(feats_eval):
-            console.print(f"  reference log-probs from the cache {path}")
-            return t["train"], t["eval"]
-    train = reference_logps(policy, tok, feats, cfg.eval.batch_size, device, progress, batches, cfg.share_prompt)
-    held = reference_logps(policy, tok, feats_eval, cfg.eval.batch_size, device, progress,
-                           [list(range(i, min(len(feats_eval), i + cfg.eval.batch_size)))
-                            for i in range(0, len(feats_eval), cfg.eval.batch_size)], cfg.share_prompt)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"train": train, "eval": held}, str(tmp))
-    os.replace(tmp, path)
-    console.print(f"  reference log-probs computed once and cached in {path}")
-    return train, held
 
 
 def pair_sums(out, pw, pl) -> dict:
@@ -178,8 +84,9 @@ def _load_policy(cfg, path: str):
     return load_trained_policy(cfg, path, "dpo")
 
 
-def plan(cfg, out: Path, world_size: int = 1) -> dict:
-    src = _policy_source(cfg)
+def plan(cfg, out: Path) -> dict:
+    world_size = cfg.distributed.num_processes
+    src = cfg.policy_source
     info: dict = {"output_dir": str(out), "stage": "dpo", "preset": cfg.preset, "policy": src,
                   "loss": f"{cfg.loss.loss_type}, beta {cfg.loss.beta}",
                   "reference": "precomputed log-probs (cached)" if cfg.precompute_ref_logps else "frozen copy of the policy"}
@@ -203,12 +110,12 @@ class DPOStage(Stage):
 
     @classmethod
     def precheck(cls, cfg) -> None:
-        check_policy_source(_policy_source(cfg), "dpo")
+        check_policy_source(cfg.policy_source, "dpo")
 
     def prepare_data(self) -> None:
         cfg = self.cfg
         self.data = load_pair_data(cfg, "dpo")
-        start = str(self.resume_from) if self.resume_from is not None else _policy_source(cfg)
+        start = str(self.resume_from) if self.resume_from is not None else cfg.policy_source
         self.tokenizer, self._model = _load_policy(cfg, start)
         limit = max_positions(self._model)
         if limit and cfg.data.max_length > limit:
@@ -223,10 +130,10 @@ class DPOStage(Stage):
         """The policy trains; the reference is always the initial policy, also when resuming."""
         cfg, data = self.cfg, self.data
         self.make_batcher([len(f["chosen"]["input_ids"]) + len(f["rejected"]["input_ids"]) for f in self.feats])
-        initial = self._model if self.resume_from is None else _load_policy(cfg, _policy_source(cfg))[1]
+        initial = self._model if self.resume_from is None else _load_policy(cfg, cfg.policy_source)[1]
         self.ref = self.ref_train = self.ref_eval = None
         if cfg.precompute_ref_logps:
-            with common.progress_bar(self.console, common.is_main(acc)) as progress:
+            with common.progress_bar(self.console, distributed.is_main(acc)) as progress:
                 self.ref_train, self.ref_eval = cached_reference(
                     cfg, data, self.tokenizer, initial.to(acc.device).eval(), self.feats, self.feats_eval, acc.device,
                     self.console, progress, self.batcher)
@@ -235,7 +142,7 @@ class DPOStage(Stage):
             # weight's requires_grad picks torch's matmul path, and the same path as the policy's makes
             # the step-0 log-ratios exactly 0 (a tie), not ~1e-6
             self.ref = copy.deepcopy(initial).eval().to(acc.device)
-        self.manifest = {"parent": ck.parent_info(_policy_source(cfg)),
+        self.manifest = {"parent": ck.parent_info(cfg.policy_source),
                          "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,
                                   "train_pairs": len(self.feats), "eval_pairs": len(self.feats_eval),
                                   "dropped_equal": data.dropped_equal, "dropped_malformed": data.dropped_malformed},
@@ -274,6 +181,3 @@ class DPOStage(Stage):
         return evaluate(core, self.ref, self.ref_eval, self.tokenizer, self.data, self.feats_eval, self.cfg,
                         self.acc.device, progress)
 
-
-def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=None) -> dict:
-    return fit(DPOStage, cfg, out, resume, overwrite, console)

@@ -19,11 +19,13 @@ from ..data import formats
 from ..data.sources import load_formatted
 from ..data.tokenize import collate_sft, encode_prompt, sft_features
 from ..errors import UserError
-from ..heads import ILQLHeads, PolicyWithILQLHeads, hidden_size, ilql_generate
+from ..heads import ILQLHeads, PolicyWithILQLHeads, hidden_size
 from ..losses.ilql import ilql_loss, polyak_update
+from ..metrics import gold_scores, mean_and_stderr, rouge
 from ..models import check_policy_source, count_params, disable_dropout, load_trained_policy, max_positions
+from ..sampling import ilql_generate
 from . import common
-from .loop import Micro, Stage, StepLoss, fit
+from .stage import Micro, Stage, StepLoss
 
 
 @dataclass
@@ -35,41 +37,44 @@ class Samples:
     notes: list[str]
 
 
+def _rewarded(rows, source: str) -> list[tuple[str, str, float]]:
+    out = []
+    for r in rows:
+        try:
+            out.append((r["prompt"], r["completion"], float(r["reward"])))
+        except (TypeError, ValueError):
+            raise UserError(f"dataset '{source}' has a non-numeric reward: {r['reward']!r}") from None
+    return out
+
+
+def _from_pairs(pairs, gold: bool) -> list[tuple[str, str, float]]:
+    """Each pair as two samples: rewarded +1 / -1 (trlx's ilql_hh), or by their gold scores (synthetic)."""
+    if gold and any("gold_chosen" not in e.meta for e in pairs):
+        raise UserError("ilql.rewards: gold needs synthetic data (it has gold scores); use labels")
+    out = []
+    for e in pairs:
+        good, bad = (e.meta["gold_chosen"], e.meta["gold_rejected"]) if gold else (1.0, -1.0)
+        out += [(e.prompt, e.chosen, good), (e.prompt, e.rejected, bad)]
+    return out
+
+
 def load_samples(cfg) -> Samples:
-    """Pairs -> +1 / -1 samples (trlx's ilql_hh) or, on synthetic data, gold-scored samples; rewarded rows as is."""
+    """(prompt, completion, reward) samples: rewarded rows as they are, or made from preference pairs;
+    and the held-out prompts (with the chosen completion as reference)."""
     split, fmt = load_formatted(cfg.data, kind="pairs", seed=cfg.seed)
-    gold = cfg.ilql.rewards == "gold"
-
-    def convert(rows) -> tuple[list[tuple[str, str, float]], list[tuple[str, str | None]]]:
-        if fmt == "rewarded":
-            out = []
-            for r in rows:
-                try:
-                    out.append((r["prompt"], r["completion"], float(r["reward"])))
-                except (TypeError, ValueError):
-                    raise UserError(f"dataset '{cfg.data.source}' has a non-numeric reward: {r['reward']!r}") from None
-            return out, [(p, None) for p, _, _ in out]
-        if fmt not in ("comparisons", "hh"):
-            raise UserError(f"ilql needs rewarded samples or preference pairs, but '{cfg.data.source}' is in "
-                            f"{fmt} format")
-        pairs, _, _ = formats.pair_examples(rows, fmt)
-        out = []
-        for e in pairs:
-            if gold:
-                if "gold_chosen" not in e.meta:
-                    raise UserError("ilql.rewards: gold needs synthetic data (it has gold scores); use labels")
-                out += [(e.prompt, e.chosen, e.meta["gold_chosen"]), (e.prompt, e.rejected, e.meta["gold_rejected"])]
-            else:
-                out += [(e.prompt, e.chosen, 1.0), (e.prompt, e.rejected, -1.0)]
-        return out, [(e.prompt, e.chosen) for e in pairs if e.prompt]
-
-    train, _ = convert(split.train)
-    _, held = convert(split.eval)
+    if fmt == "rewarded":
+        train, held = _rewarded(split.train, cfg.data.source), _rewarded(split.eval, cfg.data.source)
+        held_prompts = [(p, None) for p, _, _ in held]
+    elif fmt in ("comparisons", "hh"):
+        train = _from_pairs(formats.pair_examples(split.train, fmt)[0], cfg.ilql.rewards == "gold")
+        held_prompts = [(e.prompt, e.chosen) for e in formats.pair_examples(split.eval, fmt)[0] if e.prompt]
+    else:
+        raise UserError(f"ilql needs rewarded samples or preference pairs, but '{cfg.data.source}' is in {fmt} format")
     if cfg.data.max_examples:
         train = train[: cfg.data.max_examples]
     if not train:
         raise UserError(f"dataset '{cfg.data.source}' has no samples for ilql")
-    return Samples(train, held, fmt, split.fingerprint(), split.notes)
+    return Samples(train, held_prompts, fmt, split.fingerprint(), split.notes)
 
 
 def featurize(tok, samples, data_cfg) -> tuple[list[dict], torch.Tensor]:
@@ -102,8 +107,6 @@ def compute_loss(model, batch: dict, icfg):
 
 def evaluate(core, tok, data: Samples, cfg, progress, betas=None) -> tuple[dict, list[dict]]:
     """Steered generation on the held-out prompts for each beta: gold, ROUGE, length."""
-    from ..eval.metrics import gold_scores, mean_and_stderr, rouge
-
     pairs = data.eval_prompts[: cfg.eval.num_samples]
     if not pairs:
         return {}, []
@@ -113,8 +116,8 @@ def evaluate(core, tok, data: Samples, cfg, progress, betas=None) -> tuple[dict,
     metrics: dict = {}
     samples = [{"prompt": p, **({"reference": r} if r is not None else {})} for p, r in pairs]
     for beta in betas if betas is not None else cfg.ilql.gen_betas:
-        outs = ilql_generate(core.policy, core.heads, tok, ids, beta, g.max_new_tokens, cfg.ilql.gen_top_k,
-                             g.temperature, cfg.eval.batch_size, cfg.eval.seed, progress)
+        outs = ilql_generate(core.policy, core.heads, tok, ids, beta, g, cfg.ilql.gen_top_k, cfg.eval.batch_size,
+                             cfg.eval.seed, progress)
         texts = tok.batch_decode(outs, skip_special_tokens=True)
         key = f"eval/beta={beta:g}"
         gold = gold_scores(prompts, texts)
@@ -128,16 +131,13 @@ def evaluate(core, tok, data: Samples, cfg, progress, betas=None) -> tuple[dict,
     return metrics, samples
 
 
-def _policy_source(cfg) -> str:
-    return cfg.policy or cfg.model.name_or_path
-
-
 def _load(cfg, path: str):
     return load_trained_policy(cfg, path, "ilql")
 
 
-def plan(cfg, out: Path, world_size: int = 1) -> dict:
-    src = _policy_source(cfg)
+def plan(cfg, out: Path) -> dict:
+    world_size = cfg.distributed.num_processes
+    src = cfg.policy_source
     info: dict = {"output_dir": str(out), "stage": "ilql", "preset": cfg.preset, "policy": src,
                   "heads": f"{'two Q heads' if cfg.ilql.two_qs else 'one Q head'} + targets + V",
                   "rewards": cfg.ilql.rewards}
@@ -158,12 +158,12 @@ class ILQLStage(Stage):
 
     @classmethod
     def precheck(cls, cfg) -> None:
-        check_policy_source(_policy_source(cfg), "ilql")
+        check_policy_source(cfg.policy_source, "ilql")
 
     def prepare_data(self) -> None:
         cfg = self.cfg
         self.data = load_samples(cfg)
-        start = str(self.resume_from) if self.resume_from is not None else _policy_source(cfg)
+        start = str(self.resume_from) if self.resume_from is not None else cfg.policy_source
         self.tokenizer, self.policy = _load(cfg, start)
         limit = max_positions(self.policy)
         if limit and cfg.data.max_length > limit:
@@ -179,7 +179,7 @@ class ILQLStage(Stage):
         heads = (ILQLHeads.load(self.resume_from) if self.resume_from is not None
                  else ILQLHeads(hidden_size(policy.config), vocab, cfg.ilql.two_qs))
         self.make_batcher([len(f["input_ids"]) for f in self.feats])
-        self.manifest = {"parent": ck.parent_info(_policy_source(cfg)),
+        self.manifest = {"parent": ck.parent_info(cfg.policy_source),
                          "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,
                                   "train_samples": len(self.feats), "eval_prompts": len(data.eval_prompts)},
                          "heads": "ilql_heads.safetensors"}
@@ -213,6 +213,3 @@ class ILQLStage(Stage):
     def evaluate(self, core, progress) -> tuple[dict, list[dict]]:
         return evaluate(core, self.tokenizer, self.data, self.cfg, progress)
 
-
-def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=None) -> dict:
-    return fit(ILQLStage, cfg, out, resume, overwrite, console)

@@ -23,108 +23,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import torch
 from rich.console import Console
 
 from .. import checkpoint as ck
-from ..errors import UserError
-from . import common
-
-
-@dataclass
-class Micro:
-    """One micro-batch: the stage's own `data`, and how much it holds."""
-
-    data: Any
-    units: int  # what the loss sum runs over (label tokens, pairs, response tokens, ...)
-    examples: int = 0  # sequences / pairs / samples, for throughput
-    tokens: int = 0  # tokens passed through the model, for throughput
-
-
-class StepLoss(NamedTuple):
-    loss_sum: torch.Tensor  # scalar, summed over the micro-batch's units (keeps the graph)
-    metrics: dict[str, float]  # also sums over those units; logged divided by the units
-
-
-class Stage:
-    """What a stage gives `fit`. Subclasses set the class attributes and implement the methods."""
-
-    name: str = ""  # the CLI's name of the stage
-    unit: str = "tokens"  # what a loss sum runs over
-    throughput: str = "examples"  # what `examples` counts, in rlhf_stage.json's train_loop
-    best_metric: str | None = None  # eval metric that picks best/ (None: no best/)
-    best_mode: str = "max"  # "max" or "min"
-
-    def __init__(self, cfg, out: Path, resume_from: Path | None, console: Console):
-        self.cfg, self.out, self.resume_from, self.console = cfg, out, resume_from, console
-        self.total_steps = 0
-        self.manifest: dict = {}
-        self.tokenizer = None
-
-    @classmethod
-    def precheck(cls, cfg) -> None:
-        """Refuse bad input before anything is created (e.g. a --policy of the wrong kind)."""
-
-    def prepare_data(self) -> None:
-        """Load the data and set `total_steps` (no model yet: an already complete run stops here)."""
-        raise NotImplementedError
-
-    def initial_state(self) -> dict:
-        """The stage's own counters in the resumable state (data position, PPO's KL coefficient, ...)."""
-        return {"micro_step": 0}
-
-    def build(self, acc) -> torch.nn.Module:
-        """Load the models (on `acc.device` where the stage needs them there); return what trains."""
-        raise NotImplementedError
-
-    def start(self, model, acc, state: dict) -> None:
-        """Called once the model is prepared and the state (fresh or resumed) is known."""
-        self.model, self.acc, self.state = model, acc, state
-
-    def next_step(self, state: dict) -> list[Micro]:
-        raise NotImplementedError
-
-    def loss(self, model, micro: Micro) -> StepLoss:
-        raise NotImplementedError
-
-    def after_step(self, state: dict) -> dict:
-        """After each optimizer step; metrics returned are logged at once (e.g. a PPO iteration's)."""
-        return {}
-
-    def at_boundary(self, state: dict) -> bool:
-        """Whether eval and checkpoints may happen after this step (PPO: only between iterations)."""
-        return True
-
-    def log_extras(self, state: dict) -> dict:
-        batcher = getattr(self, "batcher", None)
-        return {"train/epoch": state["micro_step"] / batcher.batches_per_epoch} if batcher is not None else {}
-
-    def make_batcher(self, lengths: list[int]) -> common.Batcher:
-        """Deterministic micro-batches over the stage's examples (grouped by `lengths` if configured)."""
-        rank, world_size = self.world
-        self.batcher = common.Batcher(len(lengths), self.cfg.train.batch_size, self.cfg.seed, rank, world_size,
-                                      lengths if self.cfg.train.group_by_length else None)
-        return self.batcher
-
-    def draw(self, state: dict) -> list[list[int]]:
-        """Example indices of the next step's micro-batches; the position is state["micro_step"]."""
-        out = []
-        for _ in range(self.cfg.train.gradient_accumulation_steps):
-            out.append(self.batcher.indices(state["micro_step"]))
-            state["micro_step"] += 1
-        return out
-
-    def evaluate(self, core, progress) -> tuple[dict, list[dict]]:
-        return {}, []
-
-    def extra_files(self, samples: list[dict]) -> dict[str, str]:
-        return {"eval_samples.jsonl": common.jsonl(samples)} if samples else {}
-
-    def describe(self) -> str:
-        """One line printed when training starts."""
-        return f"{self.name}: {self.total_steps} optimizer steps -> {self.out}"
+from . import common, distributed, rundir
+from .stage import Micro, Stage
 
 
 def fit(stage_cls: type[Stage], cfg, out: Path, resume: bool = False, overwrite: bool = False,
@@ -135,27 +40,27 @@ def fit(stage_cls: type[Stage], cfg, out: Path, resume: bool = False, overwrite:
     stage_cls.precheck(cfg)
     resume_from = ck.prepare_output(out, resume, overwrite)
     if resume_from is not None:
-        refuse_changed_config(cfg, resume_from)
-    acc = common.setup_accelerator(cfg)
+        rundir.refuse_changed_config(cfg, resume_from)
+    acc = distributed.setup_accelerator(cfg)
     torch.manual_seed(cfg.seed)
     stage = stage_cls(cfg, out, resume_from, console)
-    stage.world = common.world(acc)
+    stage.world = distributed.world(acc)
     stage.prepare_data()
-    if (done := common.already_complete(out, resume_from, stage.total_steps, console)) is not None:
+    if (done := rundir.already_complete(out, resume_from, stage.total_steps, console)) is not None:
         return done
     model = stage.build(acc)
     optimizer = common.make_optimizer(model, cfg.train)
     scheduler = common.make_scheduler(optimizer, cfg.train, stage.total_steps)
     model, optimizer = acc.prepare(model, optimizer)
-    run = common.Run(cfg, out, acc, resume_from)
+    run = rundir.Run(cfg, out, acc, resume_from)
     state = {"step": 0, "examples": 0, "tokens": 0, **stage.initial_state()}
     if resume_from is not None:
-        state = common.load_resumed(resume_from, optimizer, scheduler)
+        state = rundir.load_resumed(resume_from, optimizer, scheduler)
         console.print(f"resuming from {resume_from} at step {state['step']}")
     stage.start(model, acc, state)
     console.print(stage.describe())
     loop = _Loop(stage, model, optimizer, scheduler, acc, run, state)
-    with common.progress_bar(console, common.is_main(acc)) as progress:
+    with common.progress_bar(console, distributed.is_main(acc)) as progress:
         stage.progress = progress  # for the stage's own tasks (rollouts, generation)
         loop.train(progress)
     return loop.finish()
@@ -178,7 +83,7 @@ class _Best:
             return
         loop.state["best"] = {"step": step, "metric": self.metric, "value": value}  # the same on every process
         state_dict = loop.acc.get_state_dict(loop.model)  # every process takes part (ZeRO-3 gathers)
-        if common.is_main(loop.acc):
+        if distributed.is_main(loop.acc):
             with ck.atomic_dir(loop.run.partial / "best") as tmp:
                 loop.acc.unwrap_model(loop.model).save_pretrained(tmp, state_dict=state_dict)
                 loop.stage.tokenizer.save_pretrained(tmp)
@@ -257,14 +162,14 @@ class _Loop:
         due = step // self.cfg.train.log_interval != (step - w.steps) // self.cfg.train.log_interval or step == total
         if not (due or forced) or not w.steps:
             return
-        sums = {k: common.all_reduce(v, "sum") for k, v in sorted(w.sums.items())}
+        sums = {k: distributed.all_reduce(v, "sum") for k, v in sorted(w.sums.items())}
         units = max(sums.pop("__units"), 1)
         dt = max(time.perf_counter() - w.t0, 1e-9)
         metrics = {f"train/{k}": v / units for k, v in sums.items()}
         metrics.update({"train/lr": self.scheduler.get_last_lr()[0], "train/grad_norm": w.grad_norm / w.steps,
-                        "train/tokens_per_s": common.all_reduce(self.state["tokens"] - w.tokens0, "sum") / dt,
+                        "train/tokens_per_s": distributed.all_reduce(self.state["tokens"] - w.tokens0, "sum") / dt,
                         f"train/{self.stage.throughput}_per_s":
-                            common.all_reduce(self.state["examples"] - w.examples0, "sum") / dt,
+                            distributed.all_reduce(self.state["examples"] - w.examples0, "sum") / dt,
                         **self.stage.log_extras(self.state), **forced})
         self.run.log(step, metrics)
         self.window = _Window(examples0=self.state["examples"], tokens0=self.state["tokens"])
@@ -305,36 +210,18 @@ class _Loop:
 def accumulate(stage: Stage, model, micro_batches: list[Micro], acc, sums: dict | None = None) -> float:
     """Backward every micro-batch's loss sum divided by the units of the whole step over every process;
     returns the step's loss (its mean per unit). `sums` collects the metric sums for logging."""
-    units = common.all_reduce(sum(m.units for m in micro_batches), "sum")
-    world_size = common.world(acc)[1]
+    units = distributed.all_reduce(sum(m.units for m in micro_batches), "sum")
+    world_size = distributed.world(acc)[1]
     loss_total = 0.0
     for j, micro in enumerate(micro_batches):
         with acc.autocast():
             out = stage.loss(model, micro)
         # DDP averages gradients over the processes: the world_size factor turns that mean into the sum
         loss = out.loss_sum * world_size / max(units, 1)
-        common.backward(acc, loss, stage.cfg.train.gradient_accumulation_steps, last=j == len(micro_batches) - 1)
+        distributed.backward(acc, loss, stage.cfg.train.gradient_accumulation_steps, last=j == len(micro_batches) - 1)
         loss_total += out.loss_sum.item()
         if sums is not None:
             for k, v in {"loss": out.loss_sum.item(), **out.metrics}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             sums["__units"] = sums.get("__units", 0.0) + micro.units
-    return common.all_reduce(loss_total, "sum") / max(units, 1)
-
-
-# which sections may differ when a run resumes: they change where and how a run is recorded, not what
-# it trains (a changed learning rate or data source would make the manifest disagree with the weights)
-RESUMABLE_CHANGES = ("output_dir", "logging.", "checkpoint.")
-
-
-def material_changes(cfg, checkpoint_dir: Path) -> list[str]:
-    """Config keys that differ from the checkpoint's and change what is trained."""
-    return [k for k in common.config_changes(cfg, checkpoint_dir) if not k.startswith(RESUMABLE_CHANGES)]
-
-
-def refuse_changed_config(cfg, resume_from: Path) -> None:
-    changed = material_changes(cfg, resume_from)
-    if changed:
-        keys = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
-        raise UserError(f"--resume: the config differs from the interrupted run's in {keys}; resume with the "
-                        "same config, or pass --overwrite to start over with the new one")
+    return distributed.all_reduce(loss_total, "sum") / max(units, 1)

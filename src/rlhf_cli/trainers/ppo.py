@@ -14,7 +14,6 @@ The math is in losses/ppo.py; this file moves tensors between those functions.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,53 +24,20 @@ from .. import checkpoint as ck
 from ..data.tokenize import encode_prompt
 from ..errors import UserError
 from ..heads import FrozenCopy, PolicyWithValueHead, Reference
-from ..losses import ppo as L
-from ..models import count_params, disable_dropout, expect_kind, freeze_bottom, load_causal_lm, transformer_blocks
-from . import common, rollouts
-from .loop import Micro, Stage, StepLoss, fit
-from .rollouts import (Scorer, _check_lengths, _gold, _load_policy, _policy_source, _show_samples, collate,
-                       collect_rollouts, evaluate, load_prompts, make_reward_source, response_outputs,
-                       warm_up_tiny_policy)
+from ..losses.ppo import (RunningMoments, adaptive_kl_coef, entropy, gae, kl_penalized_rewards, masked_mean,
+                          policy_loss, sequence_kl, token_logprobs, value_loss, whiten)
+from ..models import (count_params, disable_dropout, expect_kind, load_causal_lm, train_top_blocks)
+from ..sampling import collate_responses
+from . import common, distributed, rollouts
+from .online_eval import evaluate, mean_gold, show_samples
+from .rollouts import (Scorer, check_batching, check_lengths, collect_rollouts, iteration_steps, load_policy,
+                       load_prompts, make_reward_source, response_outputs, total_iterations, warm_up_tiny_policy)
+from .stage import Micro, Stage, StepLoss
 
 
-def _freeze(policy, k: int) -> None:
-    """Train only the top k blocks (plus what sits above them); -1 trains everything."""
-    if k >= 0:
-        n = len(transformer_blocks(policy))
-        if k > n:
-            raise UserError(f"ppo.num_layers_unfrozen is {k} but the model has only {n} blocks")
-        freeze_bottom(policy, n - k)
-        if k == 0:
-            for block in transformer_blocks(policy):
-                block.requires_grad_(False)
-
-
-# --- the stage ---------------------------------------------------------------------------------------
-def iteration_steps(cfg, world_size: int = 1) -> int:
-    """Optimizer steps per PPO iteration: ppo_epochs passes over num_rollouts in minibatches."""
-    per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
-    return cfg.ppo.ppo_epochs * max(1, cfg.ppo.num_rollouts // (per_step * world_size))
-
-
-def total_iterations(cfg, num_prompts: int, world_size: int = 1) -> int:
-    """train.max_steps (optimizer steps, rounded up to whole iterations), else epochs over the prompts.
-    `num_rollouts` counts the rollouts of one iteration over all processes; each collects its share."""
-    if cfg.train.max_steps:
-        return max(1, math.ceil(cfg.train.max_steps / iteration_steps(cfg, world_size)))
-    return max(1, math.ceil(cfg.train.epochs * num_prompts / cfg.ppo.num_rollouts))
-
-
-def _check_batching(cfg, world_size: int = 1) -> None:
-    per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world_size
-    if cfg.ppo.num_rollouts < per_step:
-        raise UserError(f"ppo.num_rollouts ({cfg.ppo.num_rollouts}) must be at least train.batch_size x "
-                        f"gradient_accumulation_steps x processes ({per_step}), the rollouts of one optimizer step")
-    if cfg.ppo.num_rollouts % world_size:
-        raise UserError(f"ppo.num_rollouts ({cfg.ppo.num_rollouts}) must divide evenly over {world_size} processes")
-
-
-def plan(cfg, out: Path, world_size: int = 1) -> dict:
-    src = _policy_source(cfg)
+def plan(cfg, out: Path) -> dict:
+    world_size = cfg.distributed.num_processes
+    src = cfg.policy_source
     r = cfg.reward
     reward = r.ckpt or r.fn or r.url or r.classifier or "none given (pass --reward-ckpt / --reward-fn / --reward-url)"
     info: dict = {"output_dir": str(out), "stage": "ppo", "preset": cfg.preset, "policy": src,
@@ -80,7 +46,7 @@ def plan(cfg, out: Path, world_size: int = 1) -> dict:
                                                             else "fixed"),
                   "reference": "full frozen copy" if cfg.ppo.num_layers_unfrozen < 0 else
                                f"frozen trunk shared, top {cfg.ppo.num_layers_unfrozen} blocks copied"}
-    _check_batching(cfg, world_size)
+    check_batching(cfg, world_size)
     if common.plan_without_download(cfg, info, src):
         return info
     data = load_prompts(cfg)
@@ -89,7 +55,7 @@ def plan(cfg, out: Path, world_size: int = 1) -> dict:
                  "iterations": iters, "rollouts": iters * cfg.ppo.num_rollouts,
                  "optimizer_steps": iters * iteration_steps(cfg, world_size)})
     if src != "tiny":
-        _, model = _load_policy(cfg, src)
+        _, model = load_policy(cfg, src)
         info["model"] = f"{count_params(model) / 1e6:.2f}M parameters"
     return info
 
@@ -113,7 +79,7 @@ class PPOStage(Stage):
 
     @classmethod
     def precheck(cls, cfg) -> None:
-        src = _policy_source(cfg)
+        src = cfg.policy_source
         if src == "tiny" and not cfg.init_sft_steps:
             raise UserError("ppo needs a trained policy to start from: pass --policy runs/sft "
                             "(or set init_sft_steps to warm up a tiny one)")
@@ -122,7 +88,7 @@ class PPOStage(Stage):
 
     def prepare_data(self) -> None:
         world_size = self.world[1]
-        _check_batching(self.cfg, world_size)
+        check_batching(self.cfg, world_size)
         self.data = load_prompts(self.cfg)
         self.steps_per_iteration = iteration_steps(self.cfg, world_size)
         self.iterations = total_iterations(self.cfg, len(self.data.train), world_size)
@@ -130,21 +96,21 @@ class PPOStage(Stage):
 
     def initial_state(self) -> dict:
         return {"iteration": 0, "prompt_position": 0, "kl_coef": self.cfg.ppo.init_kl_coef,
-                "moments": L.RunningMoments().state_dict(), "ref_std": None}
+                "moments": RunningMoments().state_dict(), "ref_std": None}
 
     def build(self, acc):
         """Policy + value head; the reference is always the initial policy (also when resuming)."""
-        cfg, src = self.cfg, _policy_source(self.cfg)
-        self.zero3 = common.zero_stage(acc) == 3
+        cfg, src = self.cfg, self.cfg.policy_source
+        self.zero3 = distributed.zero_stage(acc) == 3
         self.source = make_reward_source(cfg, acc.device)
         self.scorer = Scorer(self.source, cfg.reward.delta)
         if src == "tiny":
             src = warm_up_tiny_policy(cfg, ck.partial_dir(self.out) / "init_policy", self.console)
-        self.tokenizer, policy = _load_policy(cfg, src)
-        _check_lengths(cfg, policy)
+        self.tokenizer, policy = load_policy(cfg, src)
+        check_lengths(cfg, policy)
         disable_dropout(policy)
         self.data.train_ids = [encode_prompt(self.tokenizer, p, cfg.data.max_prompt_length)[0] for p, _ in self.data.train]
-        _freeze(policy, cfg.ppo.num_layers_unfrozen)
+        train_top_blocks(policy, cfg.ppo.num_layers_unfrozen)
         model = PolicyWithValueHead(policy)
         model.load_value_head(Path(src).expanduser())  # continuing from a PPO checkpoint keeps its value head
         model.to(acc.device)
@@ -166,7 +132,7 @@ class PPOStage(Stage):
     def start(self, model, acc, state: dict) -> None:
         super().start(model, acc, state)
         self.core = acc.unwrap_model(model)
-        self.moments = L.RunningMoments(**state["moments"])
+        self.moments = RunningMoments(**state["moments"])
         rank, world_size = self.world
         self.prompt_batches = common.Batcher(len(self.data.train), self.cfg.ppo.chunk_size, self.cfg.seed, rank,
                                              world_size)
@@ -182,31 +148,31 @@ class PPOStage(Stage):
 
     # --- 1-3. the experience phase: rollouts, scores, KL-penalised rewards, GAE -------------------------
     def collect(self, state: dict) -> Experience:
-        cfg, P, device = self.cfg, self.cfg.ppo, self.acc.device
+        cfg, ppo, device = self.cfg, self.cfg.ppo, self.acc.device
         t0 = time.perf_counter()
         timings = {"generate": 0.0, "score": 0.0, "forward": 0.0}
         ro = collect_rollouts(self.core, self.reference, self.tokenizer, self.data, self.scorer,
                               self.prompt_batches, state, cfg, device, timings, self.progress,
-                              P.num_rollouts // self.world[1], self.zero3)
+                              ppo.num_rollouts // self.world[1], self.zero3)
         scores = self.scale(ro.scores.clone(), state)
-        rewards, log_ratio = L.kl_penalized_rewards(scores.to(device), ro.logprobs, ro.ref_logprobs, ro.mask,
+        rewards, log_ratio = kl_penalized_rewards(scores.to(device), ro.logprobs, ro.ref_logprobs, ro.mask,
                                                     state["kl_coef"])
-        k1, k3 = L.sequence_kl(log_ratio, ro.mask)
-        advantages, returns = L.gae(rewards, ro.values, ro.mask, P.gamma, P.lam)
-        advantages = L.whiten(advantages, ro.mask)
-        mean_kl = common.all_reduce(k3.mean().item())  # one coefficient on every process
+        k1, k3 = sequence_kl(log_ratio, ro.mask)
+        advantages, returns = gae(rewards, ro.values, ro.mask, ppo.gamma, ppo.lam)
+        advantages = whiten(advantages, ro.mask)
+        mean_kl = distributed.all_reduce(k3.mean().item())  # one coefficient on every process
         log = {"rollout/reward": self.batch_mean, "rollout/reward_std": self.batch_std,
-               "rollout/score_raw": common.all_reduce(sum(ro.raw_scores) / len(ro.raw_scores)),
-               "rollout/kl": mean_kl, "rollout/kl_k1": common.all_reduce(k1.mean().item()),
-               "rollout/response_length": common.all_reduce(ro.mask.sum(1).mean().item()),
-               "train/returns": L.masked_mean(returns, ro.mask).item(),
+               "rollout/score_raw": distributed.all_reduce(sum(ro.raw_scores) / len(ro.raw_scores)),
+               "rollout/kl": mean_kl, "rollout/kl_k1": distributed.all_reduce(k1.mean().item()),
+               "rollout/response_length": distributed.all_reduce(ro.mask.sum(1).mean().item()),
+               "train/returns": masked_mean(returns, ro.mask).item(),
                **{f"time/{k}": v for k, v in timings.items()}}
-        gold = _gold(ro.prompts, ro.texts)
+        gold = mean_gold(ro.prompts, ro.texts)
         if gold is not None:
-            log["rollout/gold"] = common.all_reduce(gold)
+            log["rollout/gold"] = distributed.all_reduce(gold)
         mb = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
         minibatches = []
-        for _ in range(P.ppo_epochs):
+        for _ in range(ppo.ppo_epochs):
             perm = torch.randperm(len(ro.queries)).tolist()
             minibatches += [perm[i: i + mb] for i in range(0, len(perm) - mb + 1, mb)]
         exp = Experience(ro, advantages, returns, log, mean_kl, minibatches, time.perf_counter())
@@ -215,17 +181,17 @@ class PPOStage(Stage):
 
     def scale(self, scores: torch.Tensor, state: dict) -> torch.Tensor:
         """Scores divided by the running or the first iteration's std, then clipped, as configured."""
-        P = self.cfg.ppo
+        ppo = self.cfg.ppo
         # the moments (and the first iteration's std) are of every process's scores, so all scale alike
-        self.batch_mean, self.batch_std = self.moments.update(torch.tensor(common.all_gather(scores.tolist())))
-        if P.scale_reward == "running":
+        self.batch_mean, self.batch_std = self.moments.update(torch.tensor(distributed.all_gather(scores.tolist())))
+        if ppo.scale_reward == "running":
             scores = scores / max(self.moments.std, 1e-8)
-        elif P.scale_reward == "ref":
+        elif ppo.scale_reward == "ref":
             if state["ref_std"] is None:
                 state["ref_std"] = max(self.batch_std, 1e-8)
             scores = scores / state["ref_std"]
-        if P.cliprange_reward:
-            scores = scores.clamp(-P.cliprange_reward, P.cliprange_reward)
+        if ppo.cliprange_reward:
+            scores = scores.clamp(-ppo.cliprange_reward, ppo.cliprange_reward)
         return scores
 
     # --- 4. ppo_epochs over minibatches ------------------------------------------------------------------
@@ -241,33 +207,33 @@ class PPOStage(Stage):
         return Micro(idx, units=int(self.experience.rollouts.mask[idx].sum()))
 
     def loss(self, model, micro: Micro) -> StepLoss:
-        P, exp, idx = self.cfg.ppo, self.experience, micro.data
+        ppo, exp, idx = self.cfg.ppo, self.experience, micro.data
         ro = exp.rollouts
-        b = collate([ro.queries[i] for i in idx], [ro.responses[i] for i in idx], self.tokenizer.pad_token_id,
+        b = collate_responses([ro.queries[i] for i in idx], [ro.responses[i] for i in idx], self.tokenizer.pad_token_id,
                     self.acc.device)
         R = b.responses.shape[1]
         logits, values = response_outputs(model, b)
-        logprobs = L.token_logprobs(logits, b.responses)
-        pl = L.policy_loss(logprobs, ro.logprobs[idx, :R], exp.advantages[idx, :R], b.mask, P.cliprange)
-        vl = L.value_loss(values, ro.values[idx, :R], exp.returns[idx, :R], b.mask, P.cliprange_value)
+        logprobs = token_logprobs(logits, b.responses)
+        pl = policy_loss(logprobs, ro.logprobs[idx, :R], exp.advantages[idx, :R], b.mask, ppo.cliprange)
+        vl = value_loss(values, ro.values[idx, :R], exp.returns[idx, :R], b.mask, ppo.cliprange_value)
         n = micro.units  # the losses are means over this micro-batch's response tokens
         with torch.no_grad():
             stats = {"policy_loss": pl.loss, "value_loss": vl.loss, "approx_kl": pl.approx_kl,
                      "clipfrac": pl.clipfrac, "vf_clipfrac": vl.clipfrac, "value_error": vl.error,
-                     "entropy": L.entropy(logits.detach(), b.mask)}
-        return StepLoss((pl.loss + P.vf_coef * vl.loss) * n, {k: v.item() * n for k, v in stats.items()})
+                     "entropy": entropy(logits.detach(), b.mask)}
+        return StepLoss((pl.loss + ppo.vf_coef * vl.loss) * n, {k: v.item() * n for k, v in stats.items()})
 
     # --- 5. KL controller; the iteration's metrics -------------------------------------------------------
     def at_boundary(self, state: dict) -> bool:
         return self.experience is None
 
     def after_step(self, state: dict) -> dict:
-        exp, P = self.experience, self.cfg.ppo
+        exp, ppo = self.experience, self.cfg.ppo
         if exp.minibatches:
             return {}
-        if P.target:
-            state["kl_coef"] = L.adaptive_kl_coef(state["kl_coef"], exp.sequence_kl, P.target, P.horizon,
-                                                  P.num_rollouts)
+        if ppo.target:
+            state["kl_coef"] = adaptive_kl_coef(state["kl_coef"], exp.sequence_kl, ppo.target, ppo.horizon,
+                                                  ppo.num_rollouts)
         state["iteration"] += 1
         state["examples"] += len(exp.rollouts.texts)
         state["tokens"] += int(exp.rollouts.mask.sum())  # response tokens
@@ -279,13 +245,10 @@ class PPOStage(Stage):
         metrics, samples = evaluate(core, self.reference, self.tokenizer, self.data, self.scorer, self.cfg,
                                     self.acc.device, progress, self.zero3)
         step = self.state["step"]
-        _show_samples(self.console, samples, step)
+        show_samples(self.console, samples, step)
         self.history += [{"step": step, **x} for x in samples[:8]]
         return metrics, samples
 
     def extra_files(self, samples: list[dict]) -> dict[str, str]:
         return {"eval_samples.jsonl": common.jsonl(samples), "eval_samples_history.jsonl": common.jsonl(self.history)}
 
-
-def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=None) -> dict:
-    return fit(PPOStage, cfg, out, resume, overwrite, console)

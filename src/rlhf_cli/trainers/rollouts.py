@@ -5,24 +5,22 @@ KV-cached sampling of completions with their log-probs and values, scores, and t
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .. import sampling
+from ..config import SFTConfig
 from ..data import formats
 from ..data.sources import load_formatted
-from ..config import SFTConfig
-from ..data.tokenize import encode_prompt, pad_left, pad_right
+from ..data.tokenize import encode_prompt
 from ..errors import UserError
-from ..eval.generation import generate
-from ..eval.metrics import gold_scores, mean_and_stderr, rouge
-from ..heads import Reference
-from ..losses import ppo as L
+from ..losses.ppo import token_logprobs
 from ..models import load_trained_policy, max_positions
 from ..rewards import make_reward
+from ..sampling import ResponseBatch, collate_responses, generate, sample
 from . import sft
 from .loop import fit
 
@@ -50,7 +48,7 @@ def load_prompts(cfg) -> PromptData:
         if fmt == "text":
             n = cfg.ppo.prompt_words
             return [(" ".join(e.completion.split()[:n]), None) for e in examples if len(e.completion.split()) > n]
-        return [(e.prompt, e.completion) for e in examples if e.prompt]
+        return [(e.prompt, e.completion or None) for e in examples if e.prompt]  # None: prompt-only data
 
     train, held = pairs(split.train), pairs(split.eval)
     if cfg.data.max_examples:
@@ -60,11 +58,7 @@ def load_prompts(cfg) -> PromptData:
     return PromptData(train, held, fmt, split.fingerprint(), split.notes)
 
 
-def _policy_source(cfg) -> str:
-    return cfg.policy or cfg.model.name_or_path
-
-
-def _load_policy(cfg, path: str):
+def load_policy(cfg, path: str):
     return load_trained_policy(cfg, path, "ppo")
 
 
@@ -118,25 +112,7 @@ class Scorer:
 
 
 # --- rollouts ----------------------------------------------------------------------------------------
-@dataclass
-class Batch:
-    """Padded rollouts: prompts left-padded, responses right-padded, side by side in `input_ids`."""
-
-    input_ids: torch.Tensor  # (B, P + R)
-    attention_mask: torch.Tensor  # (B, P + R)
-    responses: torch.Tensor  # (B, R)
-    mask: torch.Tensor  # (B, R) float, 1 on real response tokens
-
-
-def collate(queries: list[list[int]], responses: list[list[int]], pad_id: int, device) -> Batch:
-    q, r = pad_left(queries, pad_id), pad_right(responses, pad_id)
-    qm = pad_left([[1] * len(x) for x in queries], 0)
-    rm = pad_right([[1] * len(x) for x in responses], 0)
-    return Batch(torch.cat([q, r], 1).to(device), torch.cat([qm, rm], 1).to(device), r.to(device),
-                 rm.float().to(device))
-
-
-def response_outputs(model, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def response_outputs(model, b: ResponseBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, R, V) logits predicting each response token and (B, R) values of the state before it."""
     R = b.responses.shape[1]
     logits, values = model(b.input_ids, b.attention_mask, num_logits=R + 1)
@@ -161,81 +137,41 @@ class Rollouts:
     prompts: list[str]
 
 
-# --- evaluation --------------------------------------------------------------------------------------
-@torch.no_grad()
-def sequence_kls(model, reference: Reference, tok, queries, responses, batch_size: int, device) -> list[float]:
-    """Per-sample sum over response tokens of log pi - log pi_ref: an unbiased estimate of KL(pi || ref)."""
-    out: list[float] = []
-    policy = model.policy
-    for i in range(0, len(queries), batch_size):
-        b = collate(queries[i: i + batch_size], responses[i: i + batch_size], tok.pad_token_id, device)
-        R = b.responses.shape[1]
-        kw = dict(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                  position_ids=(b.attention_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=False,
-                  logits_to_keep=R + 1)
-        lp = L.token_logprobs(policy(**kw).logits[:, :-1], b.responses)
-        ref = L.token_logprobs(reference.logits(b.input_ids, b.attention_mask, R + 1)[:, :-1], b.responses)
-        out += ((lp - ref) * b.mask).sum(1).tolist()
-    return out
+def iteration_steps(cfg, world_size: int = 1) -> int:
+    """Optimizer steps per PPO iteration: ppo_epochs passes over num_rollouts in minibatches."""
+    per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+    return cfg.ppo.ppo_epochs * max(1, cfg.ppo.num_rollouts // (per_step * world_size))
 
 
-def evaluate(model, reference, tok, data: PromptData, scorer: Scorer, cfg, device, progress,
-             synced: bool = False) -> tuple[dict, list]:
-    """Generate for the fixed held-out prompts: reward (and delta), gold, ROUGE, KL to the reference."""
-    pairs = data.eval[: cfg.eval.num_samples]
-    if not pairs:
-        return {}, []
-    was = model.training
-    model.eval()
-    prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
-    queries = [encode_prompt(tok, p, cfg.data.max_prompt_length)[0] for p in prompts]
-    responses = generate(model.policy, tok, queries, cfg.eval.generation, cfg.eval.batch_size, cfg.eval.seed,
-                         progress, cfg.ppo.stop_sequences, keep_eos=True, synced_gpus=synced)
-    texts = tok.batch_decode(responses, skip_special_tokens=True)
-    rewards, raw = scorer(prompts, texts, refs) if scorer.delta else (None, scorer.source.score(prompts, texts))
-    m: dict = {}
-    m["eval/reward"], m["eval/reward_stderr"] = mean_and_stderr(raw)
-    if rewards is not None:
-        m["eval/reward_delta"], m["eval/reward_delta_stderr"] = mean_and_stderr(rewards)
-    gold = gold_scores(prompts, texts)
-    if gold is not None:
-        m["eval/gold"], m["eval/gold_stderr"] = mean_and_stderr(gold)
-    kls = sequence_kls(model, reference, tok, queries, responses, cfg.eval.batch_size, device)
-    m["eval/kl"], m["eval/kl_stderr"] = mean_and_stderr(kls)
-    if all(r is not None for r in refs):
-        m.update({f"eval/{k}": v for k, v in rouge(texts, refs).items()})
-    m["eval/response_length"] = sum(len(r) for r in responses) / len(responses)
-    model.train(was)
-    samples = [{"prompt": p, "completion": t, "reward": s, "kl": k, **({"reference": r} if r is not None else {}),
-                **({"gold": g} if gold is not None else {})}
-               for p, t, s, k, r, g in zip(prompts, texts, raw, kls, refs, gold or [None] * len(texts))]
-    return m, samples
+def total_iterations(cfg, num_prompts: int, world_size: int = 1) -> int:
+    """train.max_steps (optimizer steps, rounded up to whole iterations), else epochs over the prompts.
+    `num_rollouts` counts the rollouts of one iteration over all processes; each collects its share."""
+    if cfg.train.max_steps:
+        return max(1, math.ceil(cfg.train.max_steps / iteration_steps(cfg, world_size)))
+    return max(1, math.ceil(cfg.train.epochs * num_prompts / cfg.ppo.num_rollouts))
 
 
-# --- the stage ---------------------------------------------------------------------------------------
-def _check_lengths(cfg, policy) -> None:
+def check_batching(cfg, world_size: int = 1) -> None:
+    per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world_size
+    if cfg.ppo.num_rollouts < per_step:
+        raise UserError(f"ppo.num_rollouts ({cfg.ppo.num_rollouts}) must be at least train.batch_size x "
+                        f"gradient_accumulation_steps x processes ({per_step}), the rollouts of one optimizer step")
+    if cfg.ppo.num_rollouts % world_size:
+        raise UserError(f"ppo.num_rollouts ({cfg.ppo.num_rollouts}) must divide evenly over {world_size} processes")
+
+
+def check_lengths(cfg, policy) -> None:
     limit = max_positions(policy)
     need = cfg.data.max_prompt_length + max(cfg.ppo.generation.max_new_tokens, cfg.eval.generation.max_new_tokens)
     if limit and need > limit:
         raise UserError(f"data.max_prompt_length + max_new_tokens ({need}) exceeds the model's {limit} positions")
 
 
-def _gold(prompts, texts) -> float | None:
-    g = gold_scores(prompts, texts)
-    return sum(g) / len(g) if g else None
-
-
-def _show_samples(console, samples: list[dict], step: int, n: int = 2) -> None:
-    for s in samples[:n]:
-        console.print(f"  [dim]step {step} sample:[/] ...{s['prompt'][-60:]!r} -> {s['completion'][:120]!r} "
-                      f"(reward {s['reward']:.3f})", highlight=False)
-
-
 @torch.no_grad()
 def collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, cfg, device, timings,
                      progress, num_rollouts: int, synced: bool = False) -> Rollouts:
     """This process's `num_rollouts` rollouts; every process scores its own (no rank-0 bottleneck)."""
-    P = cfg.ppo
+    ppo = cfg.ppo
     queries, responses, texts, prompts, raw, used = [], [], [], [], [], []
     lps, refs_lp, vals = [], [], []
     core.eval()
@@ -249,9 +185,9 @@ def collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, 
         t = time.perf_counter()
         # old log-probs and values come with the samples; under ZeRO-3 (every process steps until all
         # are done) HF generate samples and a forward pass scores
-        s = None if synced else sampling.sample(core, tok, q, P.generation, P.stop_sequences)
-        r = s.responses if s is not None else generate(core.policy, tok, q, P.generation, len(q), None,
-                                                       stop_sequences=P.stop_sequences, keep_eos=True,
+        s = None if synced else sample(core.policy, tok, q, ppo.generation, ppo.stop_sequences, core.value_head)
+        r = s.responses if s is not None else generate(core.policy, tok, q, ppo.generation, len(q), None,
+                                                       stop_sequences=ppo.stop_sequences, keep_eos=True,
                                                        synced_gpus=synced)
         timings["generate"] += time.perf_counter() - t
         txt = tok.batch_decode(r, skip_special_tokens=True)
@@ -262,12 +198,12 @@ def collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, 
             raise UserError(f"at step {state['step']} (iteration {state['iteration'] + 1}): {e}") from None
         timings["score"] += time.perf_counter() - t
         t = time.perf_counter()
-        b = collate(q, r, tok.pad_token_id, device)
+        b = collate_responses(q, r, tok.pad_token_id, device)
         R = b.responses.shape[1]
         if s is None:
             logits, values = response_outputs(core, b)
-            lp = L.token_logprobs(logits, b.responses)
-        ref = L.token_logprobs(reference.logits(b.input_ids, b.attention_mask, R + 1)[:, :-1], b.responses)
+            lp = token_logprobs(logits, b.responses)
+        ref = token_logprobs(reference.logits(b.input_ids, b.attention_mask, R + 1)[:, :-1], b.responses)
         timings["forward"] += time.perf_counter() - t
         for j in range(len(q)):
             n = len(r[j])

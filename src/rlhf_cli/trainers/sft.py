@@ -17,11 +17,11 @@ from ..data import formats
 from ..data.sources import load_formatted
 from ..data.tokenize import collate_sft, sft_features
 from ..errors import UserError
-from ..eval.generation import generation_metrics
 from ..losses.sft import sft_loss
+from ..metrics import generation_metrics
 from ..models import count_params, load_policy, max_positions
 from . import common
-from .loop import Micro, Stage, StepLoss, fit
+from .stage import Micro, Stage, StepLoss
 
 
 @dataclass
@@ -32,18 +32,28 @@ class SFTData:
     fmt: str
     fingerprint: str
     notes: list[str]
-    synthetic_task: str | None
 
 
 def load_sft_data(cfg) -> SFTData:
     split, fmt = load_formatted(cfg.data, kind="sft", seed=cfg.seed)
+    if fmt == "prompt":
+        raise UserError(f"sft needs completions to imitate, but '{cfg.data.source}' holds prompts only")
     train, dropped = formats.sft_examples(split.train, fmt)
     held, dropped_eval = formats.sft_examples(split.eval, fmt)
     if cfg.data.max_examples:
         train = train[: cfg.data.max_examples]
     if not train:
         raise UserError(f"dataset '{cfg.data.source}' has no usable examples ({dropped} rows were empty)")
-    return SFTData(train, held, dropped + dropped_eval, fmt, split.fingerprint(), split.notes, split.synthetic_task)
+    return SFTData(train, held, dropped + dropped_eval, fmt, split.fingerprint(), split.notes)
+
+
+def label_nll(model, input_ids, attention_mask, labels):
+    """`sft_loss` with LM-head logits only from the first position that predicts a label on: on
+    prompt/completion data the prompt's logits are never used, and the head is a tenth of the step."""
+    has_label = (labels != -100).any(0)
+    first = max(0, int(has_label.float().argmax()) - 1) if bool(has_label.any()) else 0
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=labels.shape[1] - first).logits
+    return sft_loss(logits, labels[:, first:])
 
 
 def featurize(tokenizer, examples, data_cfg) -> tuple[list[dict], int]:
@@ -62,9 +72,9 @@ def evaluate(model, tokenizer, data: SFTData, feats_eval: list[dict], cfg, progr
         total, count = 0.0, 0
         with torch.no_grad():
             for i in range(0, min(len(feats_eval), ev.num_samples), ev.batch_size):
-                b = collate_sft(feats_eval[i: i + ev.batch_size], tokenizer.pad_token_id)
-                logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
-                out = sft_loss(logits, b["labels"].to(device))
+                b = {k: v.to(device) for k, v in collate_sft(feats_eval[i: i + ev.batch_size],
+                                                             tokenizer.pad_token_id).items()}
+                out = label_nll(model, b["input_ids"], b["attention_mask"], b["labels"])
                 total, count = total + out.loss_sum.item(), count + out.num_tokens.item()
         model.train()
         metrics["eval/loss"] = total / max(1, count)
@@ -75,7 +85,8 @@ def evaluate(model, tokenizer, data: SFTData, feats_eval: list[dict], cfg, progr
     return metrics, samples
 
 
-def plan(cfg, out: Path, world_size: int = 1) -> dict:
+def plan(cfg, out: Path) -> dict:
+    world_size = cfg.distributed.num_processes
     """Validate config, data and model without training; what `--dry-run` prints."""
     info: dict = {"output_dir": str(out), "stage": "sft", "preset": cfg.preset}
     if common.plan_without_download(cfg, info, cfg.model.name_or_path):
@@ -147,12 +158,8 @@ class SFTStage(Stage):
 
     def loss(self, model, micro: Micro) -> StepLoss:
         b = {k: v.to(self.acc.device) for k, v in micro.data.items()}
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        return StepLoss(sft_loss(logits, b["labels"]).loss_sum, {})
+        return StepLoss(label_nll(model, b["input_ids"], b["attention_mask"], b["labels"]).loss_sum, {})
 
     def evaluate(self, core, progress) -> tuple[dict, list[dict]]:
         return evaluate(core, self.tokenizer, self.data, self.feats_eval, self.cfg, progress)
 
-
-def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=None) -> dict:
-    return fit(SFTStage, cfg, out, resume, overwrite, console)

@@ -9,12 +9,25 @@ ILQL checkpoints generate steered by `beta`. Writes report.json, report.md, samp
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import torch
+import yaml
+from transformers import AutoModelForCausalLM
 
-from ..errors import UserError
+from . import checkpoint as ck
+from .config import DataConfig, GenerationConfig, load_config, to_dict
+from .data import formats
+from .data.sources import load_formatted
+from .data.tokenize import encode_prompt
+from .errors import UserError
+from .heads import ILQL_HEADS_FILE, ILQLHeads
 from .metrics import gold_scores, mean_and_stderr, rouge
+from .models import checkpoint_kind, expect_kind, load_pretrained, load_tokenizer
+from .rewards import make_reward
+from .sampling import generate, ilql_generate, sequence_logprobs
 
 COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("reward", "reward"),
            ("reward_delta", "reward Δ"), ("gold", "gold"), ("kl", "KL to ref"), ("response_length", "length")]
@@ -22,9 +35,6 @@ COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), 
 
 def load_eval_prompts(data_cfg, seed: int, num_samples: int) -> list[tuple[str, str | None]]:
     """(prompt, reference) of the held-out split of any SFT-style data (pairs: the chosen completion)."""
-    from ..data import formats
-    from ..data.sources import load_formatted
-
     split, fmt = load_formatted(data_cfg, kind="sft", seed=seed)
     examples, _ = formats.sft_examples(split.eval or split.train, fmt)
     pairs = [(e.prompt, e.completion) for e in examples if e.prompt]
@@ -35,9 +45,6 @@ def load_eval_prompts(data_cfg, seed: int, num_samples: int) -> list[tuple[str, 
 
 def reference_policy(ckpts: list[str], ref: str | None) -> str:
     """--ref-ckpt, else the first checkpoint's parent when it is a local policy, else the first checkpoint."""
-    from .. import checkpoint as ck
-    from ..models import checkpoint_kind
-
     if ref:
         return ref
     parent = ((ck.read_manifest(Path(ckpts[0])) or {}).get("parent") or {}).get("path")
@@ -46,87 +53,80 @@ def reference_policy(ckpts: list[str], ref: str | None) -> str:
     return ckpts[0]
 
 
-@torch.no_grad()
-def _sequence_logps(model, tok, queries, responses, batch_size: int, device) -> list[float]:
-    from ..losses.ppo import token_logprobs
-    from ..trainers.ppo import collate
-
-    out: list[float] = []
-    for i in range(0, len(queries), batch_size):
-        b = collate(queries[i: i + batch_size], responses[i: i + batch_size], tok.pad_token_id, device)
-        R = b.responses.shape[1]
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                       position_ids=(b.attention_mask.long().cumsum(-1) - 1).clamp(min=0), use_cache=False,
-                       logits_to_keep=R + 1).logits[:, :-1]
-        out += (token_logprobs(logits, b.responses) * b.mask).sum(1).tolist()
-    return out
-
-
 def evaluate_checkpoints(ckpts: list[str], pairs, gen_cfg, *, reward=None, ref: str | None = None,
                          beta: float | None = None, top_k: int = 20, use_rouge: bool = True, batch_size: int = 32,
                          seed: int = 1234, max_prompt_length: int = 192, device=None, progress=None
                          ) -> tuple[list[dict], list[dict]]:
     """One result row per checkpoint, and one sample row per prompt with every model's output."""
-    from transformers import AutoModelForCausalLM
-
-    from ..data.tokenize import encode_prompt
-    from ..eval.generation import generate
-    from ..heads import ILQL_HEADS_FILE, ILQLHeads, ilql_generate
-    from ..models import _pretrained, expect_kind, load_tokenizer
-
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
     ref_path = reference_policy(ckpts, ref)
-    ref_model = ref_tok = None
     rows, samples = [], [{"prompt": p, "reference": r} for p, r in pairs]
     ref_scores = reward.score(prompts, refs) if reward is not None and all(refs) else None
     for s, r in zip(samples, ref_scores or []):
         s["reference_reward"] = r
+    reference = _Reference(ref_path, device)
     for path in ckpts:
         if Path(path).exists():
             expect_kind(Path(path), "policy", "--ckpt")
         tok = load_tokenizer(path)
-        model = _pretrained(AutoModelForCausalLM, path, "model").to(device).eval()
+        model = load_pretrained(AutoModelForCausalLM, path, "model").to(device).eval()
         queries = [encode_prompt(tok, p, max_prompt_length)[0] for p in prompts]
-        ilql = (Path(path) / ILQL_HEADS_FILE).is_file()
-        if ilql and beta is not None:
+        steer = beta is not None and (Path(path) / ILQL_HEADS_FILE).is_file()
+        if steer:
             heads = ILQLHeads.load(path).to(device)
-            outs = ilql_generate(model, heads, tok, queries, beta, gen_cfg.max_new_tokens, top_k, gen_cfg.temperature,
-                                 batch_size, seed, progress)
+            outs = ilql_generate(model, heads, tok, queries, beta, gen_cfg, top_k, batch_size, seed, progress)
         else:
             outs = generate(model, tok, queries, gen_cfg, batch_size, seed, progress)
         texts = tok.batch_decode(outs, skip_special_tokens=True)
-        name = path + (f" (beta {beta:g})" if ilql and beta is not None else "")
-        row: dict = {"checkpoint": name, "n": len(texts)}
-        if use_rouge and all(refs):
-            row.update(rouge(texts, refs))
-        if reward is not None:
-            scores = reward.score(prompts, texts)
-            row["reward"], row["reward_stderr"] = mean_and_stderr(scores)
-            if ref_scores is not None:
-                row["reward_delta"], row["reward_delta_stderr"] = mean_and_stderr(
-                    [a - b for a, b in zip(scores, ref_scores)])
-        gold = gold_scores(prompts, texts)
-        if gold is not None:
-            row["gold"], row["gold_stderr"] = mean_and_stderr(gold)
+        name = path + (f" (beta {beta:g})" if steer else "")
+        row, scores = _scores(name, prompts, refs, texts, reward, ref_scores, use_rouge)
         # KL(pi || ref) estimated on pi's own samples: mean over samples of sum_t log pi - log ref
         with_eos = [o + [tok.eos_token_id] if len(o) < gen_cfg.max_new_tokens else o for o in outs]
-        if ref_model is None:
-            ref_tok = load_tokenizer(ref_path)
-            ref_model = _pretrained(AutoModelForCausalLM, ref_path, "model").to(device).eval()
-        if len(ref_tok) == len(tok):
-            lp = _sequence_logps(model, tok, queries, with_eos, batch_size, device)
-            lr = _sequence_logps(ref_model, tok, queries, with_eos, batch_size, device)
-            row["kl"], row["kl_stderr"] = mean_and_stderr([a - b for a, b in zip(lp, lr)])
+        row.update(reference.kl(model, tok, queries, with_eos, batch_size))
         row["response_length"] = sum(len(o) for o in outs) / len(outs)
-        rows.append(row)
+        rows.append({**row, "ref_policy": ref_path})
         for i, s in enumerate(samples):
-            s[name] = {"completion": texts[i], **({"reward": scores[i]} if reward is not None else {}),
-                       **({"gold": gold[i]} if gold is not None else {})}
+            s[name] = {"completion": texts[i], **{k: v[i] for k, v in scores.items()}}
         del model
-    for r in rows:
-        r["ref_policy"] = ref_path
     return rows, samples
+
+
+def _scores(name: str, prompts, refs, texts, reward, ref_scores, use_rouge: bool) -> tuple[dict, dict]:
+    """A checkpoint's row of ROUGE, reward (and delta) and gold; and its per-sample reward and gold."""
+    row: dict = {"checkpoint": name, "n": len(texts)}
+    per_sample: dict = {}
+    if use_rouge and all(refs):
+        row.update(rouge(texts, refs))
+    if reward is not None:
+        per_sample["reward"] = scores = reward.score(prompts, texts)
+        row["reward"], row["reward_stderr"] = mean_and_stderr(scores)
+        if ref_scores is not None:
+            row["reward_delta"], row["reward_delta_stderr"] = mean_and_stderr(
+                [a - b for a, b in zip(scores, ref_scores)])
+    gold = gold_scores(prompts, texts)
+    if gold is not None:
+        per_sample["gold"] = gold
+        row["gold"], row["gold_stderr"] = mean_and_stderr(gold)
+    return row, per_sample
+
+
+class _Reference:
+    """The KL column's reference policy, loaded on first use."""
+
+    def __init__(self, path: str, device):
+        self.path, self.device, self.model, self.tokenizer = path, device, None, None
+
+    def kl(self, model, tok, queries, responses, batch_size: int) -> dict:
+        if self.model is None:
+            self.tokenizer = load_tokenizer(self.path)
+            self.model = load_pretrained(AutoModelForCausalLM, self.path, "model").to(self.device).eval()
+        if len(self.tokenizer) != len(tok):
+            return {}
+        lp = sequence_logprobs(model, tok.pad_token_id, queries, responses, batch_size, self.device)
+        lr = sequence_logprobs(self.model, tok.pad_token_id, queries, responses, batch_size, self.device)
+        kl, se = mean_and_stderr([a - b for a, b in zip(lp, lr)])
+        return {"kl": kl, "kl_stderr": se}
 
 
 def _fmt(row: dict, key: str) -> str:
@@ -166,10 +166,8 @@ def table(rows: list[dict], title: str):
 
 def plots(rows: list[dict], samples: list[dict], out: Path) -> list[str]:
     """reward (or gold) against KL for every checkpoint; the distribution of each model's scores."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the headless backend
 
     written = []
     key = "reward" if any("reward" in r for r in rows) else "gold" if any("gold" in r for r in rows) else None
@@ -215,3 +213,74 @@ def write_report(rows: list[dict], samples: list[dict], out: Path, settings: dic
                                    "held-out prompts; mean ± standard error.\n")
     (out / "samples.jsonl").write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     return ["report.json", "report.md", "samples.jsonl", *plots(rows, samples, out)]
+
+
+# --- `rlhf eval` end to end: data, cache check, evaluation, files ---------------------------------------
+@dataclass
+class EvalRequest:
+    """What `rlhf eval` was asked for (its flags)."""
+
+    ckpts: list[str]
+    data: str | None = None  # data source of the held-out prompts (default: the first checkpoint's)
+    config: Path | None = None  # a stage config whose data section to use
+    rouge: bool = True
+    reward: bool = False
+    reward_ckpt: str | None = None
+    reward_fn: str | None = None
+    reward_url: str | None = None
+    ref_ckpt: str | None = None
+    beta: float | None = None
+    num_samples: int = 256
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    batch_size: int = 64
+    seed: int = 1234
+    output_dir: Path = Path("runs/eval")
+
+
+@dataclass
+class EvalResult:
+    rows: list[dict]
+    title: str
+    files: list[str] | None  # None: an up-to-date report was reused
+
+
+def eval_data(req: EvalRequest) -> DataConfig:
+    """The data section: from --config, else the first checkpoint's own, else --data (default synthetic:tldr)."""
+    if req.config is not None:
+        raw = yaml.safe_load(req.config.read_text()) if req.config.is_file() else None
+        data_cfg = load_config(req.config, (raw or {}).get("stage", "sft") if isinstance(raw, dict) else "sft").data
+    else:
+        saved = ((ck.read_manifest(Path(req.ckpts[0])) or {}).get("config") or {}).get("data")
+        data_cfg = DataConfig(**saved) if saved and not req.data else DataConfig(source=req.data or "synthetic:tldr")
+    if data_cfg.source.startswith("synthetic:"):
+        data_cfg = data_cfg.model_copy(update={"synthetic": data_cfg.synthetic.model_copy(
+            update={"num_eval": max(req.num_samples, data_cfg.synthetic.num_eval)})})
+    return data_cfg
+
+
+def run_eval(req: EvalRequest, progress) -> EvalResult:
+    """Evaluate `req.ckpts` and write the report, or reuse a report made with the same checkpoints and settings."""
+    for c in req.ckpts:
+        if not Path(c).exists():
+            raise UserError(f"checkpoint {c} does not exist")
+    if req.reward and not any((req.reward_ckpt, req.reward_fn, req.reward_url)):
+        raise UserError("--reward needs --reward-ckpt, --reward-fn or --reward-url")
+    data_cfg = eval_data(req)
+    pairs = load_eval_prompts(data_cfg, 42, req.num_samples)
+    title = f"rlhf eval: {len(pairs)} held-out prompts of {data_cfg.source}"
+    settings = {"checkpoints": req.ckpts, "content_hashes": [ck.content_hash(Path(c)) for c in req.ckpts],
+                "data": to_dict(data_cfg), "num_samples": len(pairs), "seed": req.seed, "rouge": req.rouge,
+                "max_new_tokens": req.max_new_tokens, "temperature": req.temperature, "beta": req.beta,
+                "ref_ckpt": req.ref_ckpt, "reward": [req.reward_ckpt, req.reward_fn, req.reward_url] if req.reward else None,
+                "reward_hash": ck.content_hash(Path(req.reward_ckpt)) if req.reward and req.reward_ckpt else None}
+    saved = req.output_dir / "report.json"
+    if saved.is_file() and json.loads(saved.read_text()).get("settings") == settings:
+        return EvalResult(json.loads(saved.read_text())["results"], title, None)
+    source = make_reward(req.reward_ckpt, req.reward_fn, req.reward_url, batch_size=req.batch_size) if req.reward else None
+    gen = GenerationConfig(max_new_tokens=req.max_new_tokens, do_sample=req.temperature > 0,
+                           temperature=req.temperature or 1.0)
+    rows, samples = evaluate_checkpoints(req.ckpts, pairs, gen, reward=source, ref=req.ref_ckpt, beta=req.beta,
+                                         use_rouge=req.rouge, batch_size=req.batch_size, seed=req.seed,
+                                         max_prompt_length=data_cfg.max_prompt_length, progress=progress)
+    return EvalResult(rows, title, write_report(rows, samples, req.output_dir, settings))

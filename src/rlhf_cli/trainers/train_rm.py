@@ -17,13 +17,13 @@ from ..data import formats
 from ..data.sources import PairData, load_pair_data
 from ..data.tokenize import collate_pairs, sequence_parts
 from ..errors import UserError
-from ..eval.metrics import mean_and_stderr
+from ..heads import PooledReward
 from ..losses.reward import pairwise_loss
+from ..metrics import mean_and_stderr
 from ..models import (build_tiny_reward, checkpoint_kind, count_params, freeze_bottom, frozen_block_count,
                       load_reward_model, load_tokenizer, max_positions, sequence_rewards, train_tokenizer)
-from ..heads import PooledReward
 from . import common
-from .loop import Micro, Stage, StepLoss, fit
+from .stage import Micro, Stage, StepLoss
 
 
 def featurize(tok, pairs: list[formats.PairExample], data_cfg) -> list[dict]:
@@ -89,13 +89,9 @@ def evaluate(model, tok, feats: list[dict], pairs: list[formats.PairExample], cf
     return metrics
 
 
-def _init_source(cfg) -> str:
-    return cfg.init_from or cfg.model.name_or_path
-
-
 def _load(cfg, data: PairData, resume_from: Path | None):
     """(tokenizer, reward model): resumed, from --init-from / model.name_or_path, or tiny."""
-    name = str(resume_from) if resume_from is not None else _init_source(cfg)
+    name = str(resume_from) if resume_from is not None else cfg.init_source
     if name == "tiny":
         texts = [formats.join_text(e.prompt, c) for e in data.train for c in (e.chosen, e.rejected)]
         tok = (load_tokenizer(cfg.tokenizer.name_or_path) if cfg.tokenizer.name_or_path
@@ -108,9 +104,10 @@ def _load(cfg, data: PairData, resume_from: Path | None):
     return tok, load_reward_model(name, cfg.model, tok)
 
 
-def plan(cfg, out: Path, world_size: int = 1) -> dict:
-    info: dict = {"output_dir": str(out), "stage": "rm", "preset": cfg.preset, "init_from": _init_source(cfg)}
-    name = _init_source(cfg)
+def plan(cfg, out: Path) -> dict:
+    world_size = cfg.distributed.num_processes
+    info: dict = {"output_dir": str(out), "stage": "train-rm", "preset": cfg.preset, "init_from": cfg.init_source}
+    name = cfg.init_source
     if common.plan_without_download(cfg, info, name):
         return info
     data = load_pair_data(cfg, "train-rm")
@@ -130,13 +127,13 @@ def plan(cfg, out: Path, world_size: int = 1) -> dict:
     return info
 
 
-class RewardStage(Stage):
+class RewardModelStage(Stage):
     name, unit, throughput = "train-rm", "pairs", "pairs"
     best_metric, best_mode = "eval/accuracy", "max"
 
     @classmethod
     def precheck(cls, cfg) -> None:
-        init = _init_source(cfg)
+        init = cfg.init_source
         if init != "tiny" and Path(init).expanduser().is_dir() and checkpoint_kind(Path(init).expanduser()) is None:
             raise UserError(f"--init-from {init} is neither a policy nor a reward-model checkpoint")
 
@@ -159,7 +156,7 @@ class RewardStage(Stage):
             self._model.gradient_checkpointing_enable()
         self.make_batcher([max(len(f["chosen"]), len(f["rejected"])) for f in self.feats])
         self.manifest = {
-            "parent": ck.parent_info(_init_source(cfg)),
+            "parent": ck.parent_info(cfg.init_source),
             "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,
                      "train_pairs": len(self.feats), "eval_pairs": len(self.feats_eval),
                      "dropped_equal": data.dropped_equal, "dropped_malformed": data.dropped_malformed},
@@ -193,6 +190,3 @@ class RewardStage(Stage):
     def evaluate(self, core, progress) -> tuple[dict, list[dict]]:
         return evaluate(core.model, self.tokenizer, self.feats_eval, self.data.eval, self.cfg, self.acc.device), []
 
-
-def run(cfg, out: Path, resume: bool = False, overwrite: bool = False, console=None) -> dict:
-    return fit(RewardStage, cfg, out, resume, overwrite, console)

@@ -1,1 +1,0 @@
-"""Evaluation: batched generation, ROUGE, gold score."""

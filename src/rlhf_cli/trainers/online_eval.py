@@ -1,0 +1,73 @@
+"""Held-out eval of an online-RL policy (PPO; every online method next): completions for a fixed set of
+prompts, scored by the run's reward (and delta), the gold scorer on synthetic data, ROUGE against the
+references, and the KL to the reference policy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.tokenize import encode_prompt
+from ..heads import Reference
+from ..losses.ppo import token_logprobs
+from ..metrics import gold_scores, mean_and_stderr, rouge
+from ..sampling import collate_responses, generate, response_logits
+from .rollouts import PromptData, Scorer
+
+
+@torch.no_grad()
+def sequence_kls(policy, reference: Reference, pad_id: int, queries, responses, batch_size: int,
+                 device) -> list[float]:
+    """Per-sample sum over response tokens of log pi - log pi_ref: an unbiased estimate of KL(pi || ref)."""
+    out: list[float] = []
+    for i in range(0, len(queries), batch_size):
+        b = collate_responses(queries[i: i + batch_size], responses[i: i + batch_size], pad_id, device)
+        R = b.responses.shape[1]
+        lp = token_logprobs(response_logits(policy, b), b.responses)
+        ref = token_logprobs(reference.logits(b.input_ids, b.attention_mask, R + 1)[:, :-1], b.responses)
+        out += ((lp - ref) * b.mask).sum(1).tolist()
+    return out
+
+
+def evaluate(model, reference, tok, data: PromptData, scorer: Scorer, cfg, device, progress,
+             synced: bool = False) -> tuple[dict, list]:
+    """Generate for the fixed held-out prompts: reward (and delta), gold, ROUGE, KL to the reference."""
+    pairs = data.eval[: cfg.eval.num_samples]
+    if not pairs:
+        return {}, []
+    was = model.training
+    model.eval()
+    prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    queries = [encode_prompt(tok, p, cfg.data.max_prompt_length)[0] for p in prompts]
+    responses = generate(model.policy, tok, queries, cfg.eval.generation, cfg.eval.batch_size, cfg.eval.seed,
+                         progress, cfg.ppo.stop_sequences, keep_eos=True, synced_gpus=synced)
+    texts = tok.batch_decode(responses, skip_special_tokens=True)
+    rewards, raw = scorer(prompts, texts, refs) if scorer.delta else (None, scorer.source.score(prompts, texts))
+    m: dict = {}
+    m["eval/reward"], m["eval/reward_stderr"] = mean_and_stderr(raw)
+    if rewards is not None:
+        m["eval/reward_delta"], m["eval/reward_delta_stderr"] = mean_and_stderr(rewards)
+    gold = gold_scores(prompts, texts)
+    if gold is not None:
+        m["eval/gold"], m["eval/gold_stderr"] = mean_and_stderr(gold)
+    kls = sequence_kls(model.policy, reference, tok.pad_token_id, queries, responses, cfg.eval.batch_size, device)
+    m["eval/kl"], m["eval/kl_stderr"] = mean_and_stderr(kls)
+    if all(r is not None for r in refs):
+        m.update({f"eval/{k}": v for k, v in rouge(texts, refs).items()})
+    m["eval/response_length"] = sum(len(r) for r in responses) / len(responses)
+    model.train(was)
+    samples = [{"prompt": p, "completion": t, "reward": s, "kl": k, **({"reference": r} if r is not None else {}),
+                **({"gold": g} if gold is not None else {})}
+               for p, t, s, k, r, g in zip(prompts, texts, raw, kls, refs, gold or [None] * len(texts))]
+    return m, samples
+
+
+def mean_gold(prompts, texts) -> float | None:
+    g = gold_scores(prompts, texts)
+    return sum(g) / len(g) if g else None
+
+
+def show_samples(console, samples: list[dict], step: int, n: int = 2) -> None:
+    for s in samples[:n]:
+        console.print(f"  [dim]step {step} sample:[/] ...{s['prompt'][-60:]!r} -> {s['completion'][:120]!r} "
+                      f"(reward {s['reward']:.3f})", highlight=False)

@@ -1,0 +1,175 @@
+"""A stage run's directory while it trains: the live metrics log, intermediate and final checkpoints
+(written atomically, main process only), stop requests (SIGINT / SIGTERM), and resuming.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .. import checkpoint as ck
+from ..config import to_dict
+from ..errors import UserError
+from ..tracking import MetricsLogger, read_metrics, truncate_metrics
+from .distributed import barrier, is_main, uses_deepspeed
+
+
+def run_name(cfg) -> str:
+    return cfg.logging.run_name or f"{cfg.stage}-{cfg.preset}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class StopFlag:
+    """SIGINT / SIGTERM during training: finish the current step, save a checkpoint, then exit.
+
+    Armed while a training loop runs (`Run` arms it); unarmed, a signal interrupts at once.
+    A second signal always interrupts at once.
+    """
+
+    def __init__(self):
+        self.armed = False
+        self.requested = False
+
+    def signal(self, signum, frame) -> None:
+        if not self.armed or self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("stopping: a checkpoint is written after the current step (interrupt again to abort at once)",
+              file=sys.stderr, flush=True)
+
+
+STOP = StopFlag()
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised after the checkpoint of a requested stop is written."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"stopped at step {step}")
+        self.step, self.path = step, path
+
+
+class Run:
+    """One stage run's directories, logger and checkpoint writing (main process only writes)."""
+
+    def __init__(self, cfg, out: Path, accelerator, resume_from: Path | None):
+        self.cfg, self.out, self.acc = cfg, Path(out), accelerator
+        self.partial = ck.partial_dir(self.out)
+        self.resume_from = resume_from
+        self.started = ck.now()
+        main = is_main(accelerator)
+        if main:
+            self.partial.mkdir(parents=True, exist_ok=True)
+            log = self.partial / ck.METRICS
+            if resume_from is not None and (resume_from / ck.METRICS).exists():
+                shutil.copyfile(resume_from / ck.METRICS, log)  # the live log restarts from the checkpoint's
+            elif log.exists():
+                log.unlink()
+        self.logger = MetricsLogger(self.partial / ck.METRICS, cfg.logging, run_name(cfg), to_dict(cfg), enabled=main)
+        STOP.armed, STOP.requested = True, False
+        if main and resume_from is not None:
+            truncate_metrics(self.partial / ck.METRICS, (ck.read_progress(resume_from) or {}).get("step", 0))
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.logger.log(step, metrics)
+
+    def metrics(self) -> list[dict]:
+        return read_metrics(self.partial / ck.METRICS)
+
+    def _write(self, dest: Path, model, tokenizer, optimizer, scheduler, progress: dict, status: str,
+               manifest: dict, extra_files: dict[str, str] | None = None, state_dict=None) -> None:
+        unwrapped = self.acc.unwrap_model(model)
+        unwrapped.save_pretrained(dest, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(dest)
+        # ZeRO shards the optimizer state across processes; it is not gathered (a resume restarts the moments)
+        ck.save_trainer_state(dest / ck.STATE_DIR, None if uses_deepspeed(self.acc) else optimizer, scheduler,
+                              progress)
+        if (self.partial / ck.METRICS).exists():
+            shutil.copyfile(self.partial / ck.METRICS, dest / ck.METRICS)
+        for name, text in (extra_files or {}).items():
+            (dest / name).write_text(text)
+        if status == "complete":
+            manifest = {**manifest, "content_hash": ck.compute_content_hash(dest)}
+        ck.write_manifest(dest, status=status, stage=self.cfg.stage, config=to_dict(self.cfg),
+                          started=self.started, ended=ck.now(), step=progress["step"], **manifest)
+
+    def save_intermediate(self, model, tokenizer, optimizer, scheduler, progress: dict, manifest: dict) -> None:
+        barrier()
+        state_dict = self.acc.get_state_dict(model)  # every process takes part: ZeRO-3 gathers the shards
+        if is_main(self.acc):
+            dest = self.partial / "checkpoints" / f"{ck.CKPT_PREFIX}{progress['step']:08d}"
+            with ck.atomic_dir(dest) as tmp:
+                self._write(tmp, model, tokenizer, optimizer, scheduler, progress, "partial", manifest,
+                            state_dict=state_dict)
+            ck.prune_checkpoints(self.out, self.cfg.checkpoint.keep_last)
+        barrier()
+
+    def checkpoint(self, model, tokenizer, optimizer, scheduler, progress: dict, manifest: dict, due: bool) -> None:
+        """Save an intermediate checkpoint when one is due or a stop was requested; then honour the stop."""
+        if due or STOP.requested:
+            self.save_intermediate(model, tokenizer, optimizer, scheduler, progress, manifest)
+        if STOP.requested:
+            STOP.armed = False
+            raise Interrupted(progress["step"], self.partial / "checkpoints" / f"{ck.CKPT_PREFIX}{progress['step']:08d}")
+
+    def save_final(self, model, tokenizer, optimizer, scheduler, progress: dict, manifest: dict,
+                   extra_files: dict[str, str] | None = None, extra_dirs: dict[str, Path] | None = None) -> None:
+        barrier()
+        state_dict = self.acc.get_state_dict(model)
+        if is_main(self.acc):
+            self.logger.close()
+            with ck.atomic_dir(self.out) as tmp:
+                # extra directories: PPO's best/, TensorBoard's tb/
+                for name, src in {**(extra_dirs or {}), "tb": self.partial / "tb"}.items():
+                    if src.exists():
+                        shutil.copytree(src, tmp / name)
+                self._write(tmp, model, tokenizer, optimizer, scheduler, progress, "complete", manifest,
+                            extra_files, state_dict=state_dict)
+            shutil.rmtree(self.partial, ignore_errors=True)
+        STOP.armed = False
+        barrier()
+
+
+def already_complete(out: Path, resume_from: Path | None, steps: int, console) -> dict | None:
+    """The manifest of `out` when --resume finds it complete at `steps` or beyond (nothing to train)."""
+    if resume_from is None or resume_from != out or (ck.read_progress(out) or {}).get("step", 0) < steps:
+        return None
+    console.print(f"[green]{out} is already complete at step {steps}; nothing to do.[/]")
+    return ck.read_manifest(out) or {}
+
+
+def load_resumed(resume_from: Path, optimizer, scheduler) -> dict:
+    return ck.load_trainer_state(resume_from / ck.STATE_DIR, optimizer, scheduler)
+
+
+def config_changes(cfg, resume_from: Path) -> list[str]:
+    """Dotted keys whose value differs from the config the checkpoint was trained with."""
+    saved = (ck.read_manifest(resume_from) or {}).get("config") or {}
+
+    def diff(a, b, prefix=""):
+        for k in sorted(set(a) | set(b)):
+            x, y = a.get(k), b.get(k)
+            if isinstance(x, dict) and isinstance(y, dict):
+                yield from diff(x, y, f"{prefix}{k}.")
+            elif x != y and k != "output_dir":
+                yield f"{prefix}{k}"
+    return list(diff(to_dict(cfg), saved)) if saved else []
+
+
+# which sections may differ when a run resumes: they change where and how a run is recorded, not what
+# it trains (a changed learning rate or data source would make the manifest disagree with the weights)
+RESUMABLE_CHANGES = ("output_dir", "logging.", "checkpoint.")
+
+
+def material_changes(cfg, checkpoint_dir: Path) -> list[str]:
+    """Config keys that differ from the checkpoint's and change what is trained."""
+    return [k for k in config_changes(cfg, checkpoint_dir) if not k.startswith(RESUMABLE_CHANGES)]
+
+
+def refuse_changed_config(cfg, resume_from: Path) -> None:
+    changed = material_changes(cfg, resume_from)
+    if changed:
+        keys = ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
+        raise UserError(f"--resume: the config differs from the interrupted run's in {keys}; resume with the "
+                        "same config, or pass --overwrite to start over with the new one")
