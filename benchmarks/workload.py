@@ -35,10 +35,11 @@ SIZES = {
     "medium": {
         "model": {"n_layer": 6, "n_embd": 256, "n_head": 8},
         "vocab_size": 2000, "max_length": 256, "max_prompt_length": 208, "max_completion_length": 48,
-        "sft": {"batch_size": 8, "steps": 6, "lr": 1e-3},
-        "rm": {"batch_size": 8, "steps": 4, "lr": 1e-4},
-        "dpo": {"batch_size": 8, "steps": 3, "lr": 1e-4},
-        "ppo": {"rollouts": 16, "iterations": 1, "mini_batch": 8, "ppo_epochs": 2, "max_new_tokens": 32,
+        # enough steps that the min-max range of the A/B ratios is tight (1-6 steps were not)
+        "sft": {"batch_size": 8, "steps": 24, "lr": 1e-3},
+        "rm": {"batch_size": 8, "steps": 16, "lr": 1e-4},
+        "dpo": {"batch_size": 8, "steps": 12, "lr": 1e-4},
+        "ppo": {"rollouts": 16, "iterations": 3, "mini_batch": 8, "ppo_epochs": 2, "max_new_tokens": 32,
                 "chunk_size": 16, "lr": 1e-5, "kl_coef": 0.05},
     },
 }

@@ -31,6 +31,11 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path):
     assert "stopped at step" in " ".join(stderr.split())
     saved = list((Path(str(out) + ".partial") / "checkpoints").glob("step-*/trainer_state/state.json"))
     assert len(saved) == 1  # checkpoint.interval is 0: this one exists only because of the signal
+    # a resume that would train something else (here another learning rate) is refused, nothing touched
+    changed = subprocess.run(args + ["--resume", "--set", "train.learning_rate=5e-4"], capture_output=True, text=True)
+    assert changed.returncode == 2 and "train.learning_rate" in changed.stderr, changed.stderr
+    assert len(changed.stderr.strip().splitlines()) == 1 and "Traceback" not in changed.stderr
+    assert list((Path(str(out) + ".partial") / "checkpoints").glob("step-*/trainer_state/state.json")) == saved
     resumed = subprocess.run(args + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     m = json.loads((out / "rlhf_stage.json").read_text())
@@ -237,3 +242,21 @@ def test_a_nan_reward_stops_ppo_naming_the_step(sft_ckpt, tmp_path, monkeypatch)
     assert r.exit_code == 2 and "Traceback" not in r.output
     last = " ".join(r.stderr.split())
     assert "error: at step 0 (iteration 1): reward function nan_reward:score returned a non-finite score (nan)" in last
+
+
+@pytest.mark.parametrize("stage", ["sft", "train-rm", "dpo", "ppo", "ilql"])
+def test_every_stage_treats_a_changed_config_at_resume_the_same_way(stage, tmp_path):
+    """What the interrupted run trained with decides: a change to what is trained is refused, a change to
+    where or how it is recorded (logging, checkpoint cadence, output directory) is not."""
+    from rlhf_cli import checkpoint as ck
+    from rlhf_cli.config import load_config, to_dict
+    from rlhf_cli.errors import UserError
+    from rlhf_cli.trainers.rundir import refuse_changed_config
+
+    saved = load_config(None, stage)
+    ck.write_manifest(tmp_path, status="partial", stage=stage, config=to_dict(saved))
+    for harmless in (["logging.run_name=again"], ["checkpoint.interval=7"], ["output_dir=elsewhere"]):
+        refuse_changed_config(load_config(None, stage, harmless), tmp_path)
+    for material in (["train.learning_rate=0.5"], ["data.source=synthetic:hh"], ["seed=3"]):
+        with pytest.raises(UserError, match=material[0].split("=")[0].replace(".", r"\.")):
+            refuse_changed_config(load_config(None, stage, material), tmp_path)

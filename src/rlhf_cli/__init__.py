@@ -1,6 +1,7 @@
 """rlhf-cli: Reinforcement Learning from Human Feedback as one command, and as `rlhf_cli.train(...)`."""
 
-__version__ = "0.1.0"
+from .version import __version__
+
 __all__ = ["train", "TrainResult", "__version__"]
 
 

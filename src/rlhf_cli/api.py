@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
 from rich.console import Console
+
+if not torch.cuda.is_available():  # else DeepSpeed, when installed, warns on import that it fell back to CPU
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from . import checkpoint as ck
 from . import rewards

@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 from .errors import UserError
 
 MANIFEST = "rlhf_stage.json"

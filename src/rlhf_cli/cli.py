@@ -302,30 +302,15 @@ def score(
 ):
     """Score (prompt, completion) pairs with a reward model, a Python function or an HTTP endpoint."""
     def go():
-        import json
-
         from .metrics import mean_and_stderr
+        from .report import score_file
         from .rewards import make_reward
 
         _quiet_libraries()
-        if not data.is_file():
-            raise UserError(f"data file {data} does not exist")
-        try:
-            rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"{data} is not JSONL text: {e}") from None
-        if not rows:
-            raise UserError(f"data file {data} has no rows")
-        missing = next((c for c in ("prompt", "completion") if c not in rows[0]), None)
-        if missing:
-            raise UserError(f"{data} has no column '{missing}' (columns: {', '.join(rows[0])})")
         source = make_reward(reward_ckpt, reward_fn, reward_url, delta=delta, device=device, batch_size=batch_size)
-        meta = {"references": [r.get("reference", "") for r in rows]} if delta else {}
-        scores = source.score([r["prompt"] for r in rows], [r["completion"] for r in rows], **meta)
+        scores = score_file(data, source, delta, output)
         mean, se = mean_and_stderr(scores)
         out.print(f"{len(scores)} samples scored by {source.name}: mean {mean:.4f} ± {se:.4f}")
-        if output:
-            output.write_text("".join(json.dumps({**r, "score": s}) + "\n" for r, s in zip(rows, scores)))
     _guard(debug, go)
 
 

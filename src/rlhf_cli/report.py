@@ -284,3 +284,24 @@ def run_eval(req: EvalRequest, progress) -> EvalResult:
                                          use_rouge=req.rouge, batch_size=req.batch_size, seed=req.seed,
                                          max_prompt_length=data_cfg.max_prompt_length, progress=progress)
     return EvalResult(rows, title, write_report(rows, samples, req.output_dir, settings))
+
+
+def score_file(data: Path, source, delta: bool = False, output: Path | None = None) -> list[float]:
+    """`rlhf score`: the scores of a JSONL file's {prompt, completion[, reference]} rows by `source`
+    (written beside each row to `output` when given)."""
+    if not data.is_file():
+        raise UserError(f"data file {data} does not exist")
+    try:
+        rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{data} is not JSONL text: {e}") from None
+    if not rows:
+        raise UserError(f"data file {data} has no rows")
+    missing = next((c for c in ("prompt", "completion") if c not in rows[0]), None)
+    if missing:
+        raise UserError(f"{data} has no column '{missing}' (columns: {', '.join(rows[0])})")
+    meta = {"references": [r.get("reference", "") for r in rows]} if delta else {}
+    scores = source.score([r["prompt"] for r in rows], [r["completion"] for r in rows], **meta)
+    if output:
+        output.write_text("".join(json.dumps({**r, "score": s}) + "\n" for r, s in zip(rows, scores)))
+    return scores

@@ -121,16 +121,20 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return ValueLoss(loss, clipfrac, error)
 
 
-def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean entropy of the token distributions at the real response positions (logits (B, T, V))."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] per position: (B, T, V), (B, T) -> (B, T), in float32."""
+def entropy(logits: torch.Tensor, mask: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean entropy of the token distributions at the real response positions (logits (B, T, V)):
+    H = logsumexp(x) - sum_v p_v x_v. `lse` (B, T): logsumexp(logits), when already computed."""
     logits = logits.float()
-    return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1) if lse is None else lse
+    return masked_mean(lse - (torch.exp(logits - lse.unsqueeze(-1)) * logits).sum(-1), mask)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """log softmax(logits)[token] per position: (B, T, V), (B, T) -> (B, T), in float32.
+    `lse` (B, T): logsumexp(logits), when already computed (the entropy needs it too)."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1) if lse is None else lse
+    return torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1) - lse
 
 
 def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: int, n_steps: int) -> float:

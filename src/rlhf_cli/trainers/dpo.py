@@ -154,9 +154,6 @@ class DPOStage(Stage):
                 f"{self.cfg.loss.loss_type} loss, beta {self.cfg.loss.beta}, {count_params(self._model) / 1e6:.2f}M "
                 f"parameters -> {self.out}" + "".join(f"\n  {n}" for n in self.data.notes))
 
-    def next_step(self, state: dict) -> list[Micro]:
-        return [self.micro(idx) for idx in self.draw(state)]
-
     def micro(self, idx: list[int]) -> Micro:
         tokens = sum(len(self.feats[i][k]["input_ids"]) for i in idx for k in ("chosen", "rejected"))
         return Micro(idx, units=len(idx), examples=len(idx), tokens=tokens)

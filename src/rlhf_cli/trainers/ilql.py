@@ -191,9 +191,6 @@ class ILQLStage(Stage):
                 f"{self.total_steps} optimizer steps, {count_params(core.policy) / 1e6:.2f}M policy + "
                 f"{count_params(core.heads) / 1e6:.2f}M heads -> {self.out}")
 
-    def next_step(self, state: dict) -> list[Micro]:
-        return [self.micro(idx) for idx in self.draw(state)]
-
     def micro(self, idx: list[int]) -> Micro:
         b = batch_tensors([self.feats[i] for i in idx], self.returns[idx], self.tokenizer.pad_token_id)
         return Micro(b, units=int(b["mask"].sum()), examples=len(idx), tokens=int(b["attention_mask"].sum()))

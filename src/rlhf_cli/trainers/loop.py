@@ -133,7 +133,9 @@ class _Loop:
         clock = common.LoopClock(self.state)
         while self.state["step"] < total:
             loss = self.step()
-            progress.update(self.bar, advance=1, info=f"loss {loss:.3f}")
+            w = self.window
+            speed = (self.state["tokens"] - w.tokens0) / max(time.perf_counter() - w.t0, 1e-9)
+            progress.update(self.bar, advance=1, info=f"loss {loss:.3f}" + (f", {speed:.0f} tokens/s" if speed else ""))
             forced = self.stage.after_step(self.state)
             if not self.stage.at_boundary(self.state) and not forced:
                 continue

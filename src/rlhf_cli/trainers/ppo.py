@@ -213,14 +213,15 @@ class PPOStage(Stage):
                     self.acc.device)
         R = b.responses.shape[1]
         logits, values = response_outputs(model, b)
-        logprobs = token_logprobs(logits, b.responses)
+        lse = torch.logsumexp(logits.float(), dim=-1)  # one pass over the vocabulary, for both
+        logprobs = token_logprobs(logits, b.responses, lse)
         pl = policy_loss(logprobs, ro.logprobs[idx, :R], exp.advantages[idx, :R], b.mask, ppo.cliprange)
         vl = value_loss(values, ro.values[idx, :R], exp.returns[idx, :R], b.mask, ppo.cliprange_value)
         n = micro.units  # the losses are means over this micro-batch's response tokens
         with torch.no_grad():
             stats = {"policy_loss": pl.loss, "value_loss": vl.loss, "approx_kl": pl.approx_kl,
                      "clipfrac": pl.clipfrac, "vf_clipfrac": vl.clipfrac, "value_error": vl.error,
-                     "entropy": entropy(logits.detach(), b.mask)}
+                     "entropy": entropy(logits.detach(), b.mask, lse.detach())}
         return StepLoss((pl.loss + ppo.vf_coef * vl.loss) * n, {k: v.item() * n for k, v in stats.items()})
 
     # --- 5. KL controller; the iteration's metrics -------------------------------------------------------

@@ -86,8 +86,8 @@ def evaluate(model, tokenizer, data: SFTData, feats_eval: list[dict], cfg, progr
 
 
 def plan(cfg, out: Path) -> dict:
-    world_size = cfg.distributed.num_processes
     """Validate config, data and model without training; what `--dry-run` prints."""
+    world_size = cfg.distributed.num_processes
     info: dict = {"output_dir": str(out), "stage": "sft", "preset": cfg.preset}
     if common.plan_without_download(cfg, info, cfg.model.name_or_path):
         return info
@@ -146,9 +146,6 @@ class SFTStage(Stage):
         notes = "".join(f"\n  {n}" for n in self.data.notes)
         return (f"sft: {len(self.feats)} examples ({self.data.fmt}), {self.total_steps} optimizer steps, "
                 f"{count_params(self._model) / 1e6:.2f}M parameters -> {self.out}{notes}")
-
-    def next_step(self, state: dict) -> list[Micro]:
-        return [self.micro(idx) for idx in self.draw(state)]
 
     def micro(self, idx: list[int]) -> Micro:
         """The micro-batch of examples `idx`; its units are the label tokens."""

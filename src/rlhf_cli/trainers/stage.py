@@ -65,6 +65,11 @@ class Stage:
         self.model, self.acc, self.state = model, acc, state
 
     def next_step(self, state: dict) -> list[Micro]:
+        """The micro-batches of the next optimizer step: by default the batcher's next index lists."""
+        return [self.micro(idx) for idx in self.draw(state)]
+
+    def micro(self, idx: list[int]) -> Micro:
+        """The micro-batch of examples `idx` (what the stage's loss reads, and its units)."""
         raise NotImplementedError
 
     def loss(self, model, micro: Micro) -> StepLoss:

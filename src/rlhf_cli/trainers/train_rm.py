@@ -172,9 +172,6 @@ class RewardModelStage(Stage):
                 f"{count_params(self._model) / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable, bottom "
                 f"{self.frozen} blocks frozen) -> {self.out}" + "".join(f"\n  {n}" for n in notes))
 
-    def next_step(self, state: dict) -> list[Micro]:
-        return [self.micro(idx) for idx in self.draw(state)]
-
     def micro(self, idx: list[int]) -> Micro:
         chunk = [self.feats[i] for i in idx]
         return Micro(chunk, units=len(chunk), examples=len(chunk),
