@@ -32,6 +32,55 @@ def test_callable_gets_trlx_arguments(tmp_path, monkeypatch):
         CallableReward("my_rewards.length")
 
 
+def test_scores_are_strictly_numbers(tmp_path, monkeypatch):
+    """A string, a bool or None is a bug in the reward code: refused, naming the sample. Numeric arrays pass."""
+    (tmp_path / "typed_rewards.py").write_text(
+        "import numpy as np, torch\n"
+        "def text(samples, prompts, outputs, **kw):\n    return [1.0, '1e30']\n"
+        "def digits(samples, prompts, outputs, **kw):\n    return ['3', '4']\n"
+        "def flags(samples, prompts, outputs, **kw):\n    return [True, 0.5]\n"
+        "def nothing(samples, prompts, outputs, **kw):\n    return None\n"
+        "def arrays(samples, prompts, outputs, **kw):\n    return np.array([1.5, 2])\n"
+        "def tensors(samples, prompts, outputs, **kw):\n    return [torch.tensor(0.25), np.float32(3), 4]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=r"returned str '1e30' for sample 1; a score must be a number"):
+        CallableReward("typed_rewards:text").score(PROMPTS, OUTS)
+    with pytest.raises(UserError, match=r"returned str '3' for sample 0"):
+        CallableReward("typed_rewards:digits").score(PROMPTS, OUTS)
+    with pytest.raises(UserError, match=r"returned bool 'True' for sample 0"):
+        CallableReward("typed_rewards:flags").score(PROMPTS, OUTS)
+    with pytest.raises(UserError, match="must return a list of numbers, got NoneType"):
+        CallableReward("typed_rewards:nothing").score(PROMPTS, OUTS)
+    assert CallableReward("typed_rewards:arrays").score(PROMPTS, OUTS) == [1.5, 2.0]
+    assert CallableReward("typed_rewards:tensors").score(PROMPTS + ["p3"], OUTS + ["c"]) == [0.25, 3.0, 4.0]
+
+
+def test_a_reward_function_that_exits_is_an_error(tmp_path, monkeypatch):
+    """SystemExit (sys.exit) from user code must not end a run with exit 0 and no word."""
+    (tmp_path / "exiting_rewards.py").write_text(
+        "import sys\ndef bye(samples, prompts, outputs, **kw):\n    sys.exit(0)\n")
+    (tmp_path / "exit_at_import.py").write_text("import sys\nsys.exit('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match="reward function exiting_rewards:bye raised SystemExit: 0"):
+        CallableReward("exiting_rewards:bye").score(PROMPTS, OUTS)
+    with pytest.raises(UserError, match="cannot import reward module 'exit_at_import': SystemExit: no GPU here"):
+        CallableReward("exit_at_import:f")
+
+
+def test_rlhf_score_with_an_exiting_reward_function_exits_2(tmp_path):
+    import subprocess
+
+    from conftest import rlhf_cmd
+
+    (tmp_path / "exiting_rewards.py").write_text(
+        "import sys\ndef bye(samples, prompts, outputs, **kw):\n    sys.exit(0)\n")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    r = subprocess.run([*rlhf_cmd(), "score", "--data", "rows.jsonl", "--reward-fn", "exiting_rewards:bye"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr.strip() == "error: reward function exiting_rewards:bye raised SystemExit: 0."
+
+
 def test_gold_scorer_is_a_ready_reward_function():
     from rlhf_cli.data.synthetic import generate
 

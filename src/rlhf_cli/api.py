@@ -67,12 +67,14 @@ def run(cfg: StageConfig, out: Path, resume: bool = False, overwrite: bool = Fal
     what it trains is trained again (and replaced once the new one is complete), so a rerun pipeline
     retrains exactly the stages whose config changed."""
     console = console or Console(stderr=True)
-    changed = material_changes(cfg, out) if resume and ck.is_complete(out) and not ck.partial_dir(out).exists() else []
-    if changed:
-        console.print(f"{out} was trained with a different config ({', '.join(changed[:4])}"
-                      f"{', ...' if len(changed) > 4 else ''}); training it again")
-    return fit(get(cfg.stage).trainer, cfg, out, resume=resume and not changed, overwrite=overwrite or bool(changed),
-               console=console)
+    with ck.output_lock(out):  # held for the whole run: a second run into `out` is refused
+        ck.finish_cleanup(out)
+        changed = material_changes(cfg, out) if resume and ck.is_complete(out) and not ck.in_progress(out) else []
+        if changed:
+            console.print(f"{out} was trained with a different config ({', '.join(changed[:4])}"
+                          f"{', ...' if len(changed) > 4 else ''}); training it again")
+        return fit(get(cfg.stage).trainer, cfg, out, resume=resume and not changed,
+                   overwrite=overwrite or bool(changed), console=console)
 
 
 def train(stage: str, config: str | Path | None = None, *, output_dir: str | Path | None = None,

@@ -6,31 +6,37 @@
       metrics.jsonl               every logged metric, one JSON object per line
       trainer_state/              optimizer.safetensors + state.json (scheduler, RNG, step, data position)
     runs/sft.partial/             only while a run is in progress (or was killed)
+      run.json                    the run's id (the final manifest names it too)
       metrics.jsonl               the live log
       checkpoints/step-00000100/  each complete (written to a temp sibling, then renamed)
+    runs/.sft.lock                held (flock) by the run writing runs/sft: a second run is refused
 
 Tensors are stored with safetensors only; everything else is JSON. Nothing here unpickles.
 """
 
 from __future__ import annotations
 
-import errno
+import fcntl
 import hashlib
 import json
 import os
 import random
 import shutil
+import socket
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 from .version import __version__
-from .errors import UserError
+from .errors import FULL, UserError, is_corrupt_safetensors, os_errno, os_problem
 
 MANIFEST = "rlhf_stage.json"
 METRICS = "metrics.jsonl"
 STATE_DIR = "trainer_state"
 CKPT_PREFIX = "step-"
+RUN_FILE = "run.json"
+LOCK_HELD = "RLHF_CLI_OUTPUT_LOCK"  # set for the processes a lock holder launches (torchrun workers)
 
 
 def partial_dir(out: Path) -> Path:
@@ -74,9 +80,9 @@ def atomic_dir(final: Path):
         _fsync_tree(tmp)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"the disk is full: writing {final} failed and nothing was replaced "
-                            "(free some space, then rerun with --resume)") from None
+        if os_errno(e) in FULL:  # also inside safetensors' own error type
+            raise UserError(f"{os_problem(e)}: writing {final} failed and nothing was replaced "
+                            "(make room, then rerun with --resume)") from None
         raise
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
@@ -87,17 +93,35 @@ def atomic_dir(final: Path):
 
 
 def clean_stale_temps(parent: Path) -> None:
-    """Remove temp siblings left by a killed process (`.<name>.tmp-<pid>`)."""
+    """Tidy what a killed process left beside its directories: temp copies (`.<name>.tmp-<pid>`) and
+    directories being deleted (`.<name>.trash-<pid>`) go; a replaced directory (`.<name>.old-<pid>`)
+    goes back in place when the kill came before its replacement was renamed in, else goes."""
     if not parent.is_dir():
         return
     for p in parent.iterdir():
-        if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
-            try:
-                pid = int(p.name.rsplit("-", 1)[1])
-            except ValueError:
-                continue
-            if pid == os.getpid() or not _alive(pid):
-                shutil.rmtree(p, ignore_errors=True)
+        kind = next((k for k in (".tmp-", ".old-", ".trash-") if k in p.name), None)
+        if not p.name.startswith(".") or kind is None:
+            continue
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid != os.getpid() and _alive(pid):
+            continue
+        original = p.with_name(p.name[1:].rsplit(kind, 1)[0])
+        if kind == ".old-" and not original.exists():
+            os.replace(p, original)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def retire(path: Path) -> None:
+    """Delete a directory so that a kill midway leaves it whole or gone: renamed aside first, then removed."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".{path.name}.trash-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -165,10 +189,20 @@ def save_optimizer(optimizer, path: Path) -> None:
     (path / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"], "scalars": scalars}))
 
 
-def load_optimizer(optimizer, path: Path) -> None:
+def load_tensors(path: Path) -> dict:
+    """A safetensors file's tensors; a truncated or corrupt file is one sentence naming it."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        if is_corrupt_safetensors(e):
+            raise UserError(f"{path} is truncated or corrupt ({str(e).strip()}); it cannot be read") from None
+        raise
+
+
+def load_optimizer(optimizer, path: Path) -> None:
+    tensors = load_tensors(path / "optimizer.safetensors")
     meta = json.loads((path / "optimizer.json").read_text())
     state: dict = {}
     for key, v in tensors.items():
@@ -229,6 +263,95 @@ def read_progress(path: Path) -> dict | None:
 
 
 # --- run directories ----------------------------------------------------------------------------------
+def run_id(partial: Path) -> str | None:
+    try:
+        return json.loads((partial / RUN_FILE).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def start_run_file(partial: Path) -> str:
+    """The id of the run in `partial`: kept when it resumes, new otherwise."""
+    rid = run_id(partial) or uuid.uuid4().hex
+    (partial / RUN_FILE).write_text(json.dumps({"run_id": rid}))
+    return rid
+
+
+def leftover_partial(out: Path) -> bool:
+    """Whether `out`'s .partial belongs to the run that completed `out` (it was killed after its final
+    rename, before the .partial was gone): then `out` is the result and the .partial is garbage."""
+    rid = run_id(partial_dir(out))
+    return rid is not None and is_complete(out) and (read_manifest(out) or {}).get("run_id") == rid
+
+
+def in_progress(out: Path) -> bool:
+    """An unfinished run's .partial exists (not the leftover of a finished one)."""
+    return partial_dir(out).exists() and not leftover_partial(out)
+
+
+def finish_cleanup(out: Path) -> None:
+    """Remove the leftover .partial of a finished run (main process only)."""
+    if os.environ.get("RANK", "0") == "0" and leftover_partial(out):
+        retire(partial_dir(out))
+
+
+@contextmanager
+def output_lock(out: Path):
+    """Hold an exclusive lock on `out` for a whole run; a second run into it is refused in one sentence.
+
+    flock: the kernel drops it when the holder dies, so a lock file left by a killed run is not held
+    (stale). The file names the holder (pid, host) for the message. Worker processes of a run launched
+    by the holder (LOCK_HELD), and the non-main ranks of any launcher, run under the main one's lock.
+    """
+    out = Path(out).resolve()
+    if os.environ.get(LOCK_HELD) == str(out) or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    made = not out.parent.exists()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f".{out.name}.lock"
+    fd = _take_lock(path, out)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": now()}).encode())
+    os.environ[LOCK_HELD] = str(out)
+    try:
+        yield
+    finally:
+        os.environ.pop(LOCK_HELD, None)
+        try:
+            os.unlink(path)
+            if made:
+                out.parent.rmdir()  # a refused run leaves no empty folder behind
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def _take_lock(path: Path, out: Path) -> int:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{out} is being written by another run ({_holder(path)}); wait for it to end or "
+                            "choose another --output-dir") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed the file between our open and our lock: take the new one
+
+
+def _holder(path: Path) -> str:
+    try:
+        h = json.loads(path.read_text())
+        return f"pid {h['pid']} on {h['host']}, started {h['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its lock file is " + str(path)
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete intermediate checkpoint of an in-progress run."""
     ckdir = partial_dir(out) / "checkpoints"
@@ -242,7 +365,7 @@ def prune_checkpoints(out: Path, keep_last: int) -> None:
     ckdir = partial_dir(out) / "checkpoints"
     done = sorted(p for p in ckdir.iterdir() if p.name.startswith(CKPT_PREFIX))
     for p in done[:-keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
+        retire(p)  # a kill midway must not leave a half-deleted checkpoint that looks resumable
 
 
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
@@ -258,11 +381,13 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
     if os.environ.get("RANK", "0") != "0":
         # another process of a multi-process run: the main process checks and cleans; this one only
         # needs to know where to resume from (nothing is created before every process has looked)
-        return (latest_checkpoint(out) or (out if is_complete(out) and (out / STATE_DIR).exists() else None)
-                if resume else None)
-    clean_stale_temps(out.parent)
+        last = latest_checkpoint(out) if in_progress(out) else None
+        return (last or (out if is_complete(out) and (out / STATE_DIR).exists() else None)) if resume else None
+    for parent in (out.parent, partial, partial / "checkpoints"):
+        clean_stale_temps(parent)
+    finish_cleanup(out)
     if overwrite:
-        shutil.rmtree(partial, ignore_errors=True)
+        retire(partial)
         if out.exists() and not out.is_dir():
             raise UserError(f"output path {out} exists and is not a directory")
         return None

@@ -47,8 +47,26 @@ def _fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def _guard(debug: bool, fn):
-    """Run `fn`; bad input -> one sentence and exit 2; Ctrl-C -> exit 130; tracebacks only with --debug."""
+def _interrupted(e: KeyboardInterrupt, out: Path | None) -> str:
+    """What a Ctrl-C left behind, in words: a training run's checkpoint, or nothing (eval, score)."""
+    from .checkpoint import latest_checkpoint
+    from .trainers.rundir import Interrupted
+
+    if isinstance(e, Interrupted):
+        return f"[yellow]stopped[/] at step {e.step}; checkpoint saved in {e.path}, continue with --resume"
+    if out is None:
+        return "[yellow]interrupted[/]; nothing was written"
+    last = latest_checkpoint(out)
+    if last is None:
+        return "[yellow]interrupted[/] before the first checkpoint; --resume starts the run over"
+    return f"[yellow]interrupted[/]; the checkpoint {last} is kept, continue with --resume"
+
+
+def _guard(debug: bool, fn, out: dict | None = None):
+    """Run `fn`; bad input -> one sentence and exit 2; Ctrl-C -> exit 130; tracebacks only with --debug.
+
+    `out`: a training command's {"dir": output directory}, filled in by `fn` once it is known.
+    """
     if debug:
         return fn()
     import warnings
@@ -59,17 +77,17 @@ def _guard(debug: bool, fn):
     except UserError as e:
         _fail(str(e))
     except KeyboardInterrupt as e:
-        from .trainers.rundir import Interrupted
-
-        if isinstance(e, Interrupted):
-            err.print(f"[yellow]stopped[/] at step {e.step}; checkpoint saved in {e.path}, continue with --resume")
-        else:
-            err.print("[yellow]interrupted[/]; the last complete checkpoint is kept, continue with --resume")
+        err.print(_interrupted(e, (out or {}).get("dir")))
         raise typer.Exit(130)
     except typer.Exit:
         raise
     except MemoryError:
         _fail("out of memory; lower train.batch_size or data.max_length")
+    except OSError as e:  # the operating system refused: say what, and where
+        from .errors import os_problem
+
+        where = f" ({e.filename})" if e.filename else ""
+        _fail(f"{os_problem(e) or str(e)}{where}")
     except Exception as e:  # an internal error: still one line unless --debug
         _fail(f"internal error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} "
               "(re-run with --debug for the traceback)", code=1)
@@ -162,8 +180,11 @@ CLEAR = object()  # a stage flag value meaning "set this config key to null"
 def _run_stage(stage: str, config, sets, preset, seed, output_dir, resume, overwrite, dry_run, debug,
                **fields) -> None:
     """Resolve the stage config, set the stage's own flags (`fields`), then plan or train."""
+    where: dict = {}
+
     def go():
         from . import api
+        from .checkpoint import output_lock
 
         _quiet_libraries()
         cfg, dest = api.resolve(stage, config, list(sets or []), preset, seed, output_dir)
@@ -177,10 +198,12 @@ def _run_stage(stage: str, config, sets, preset, seed, output_dir, resume, overw
                 setattr(target, leaf, value)
         if dry_run:
             return _print_plan(cfg, api.plan(cfg, dest))
-        if _relaunch(cfg.distributed):
-            return
-        _print_results(api.run(cfg, dest, resume=resume, overwrite=overwrite, console=err), stage)
-    _guard(debug, go)
+        where["dir"] = dest
+        with output_lock(dest):  # taken before any worker is launched; the workers run under it
+            if _relaunch(cfg.distributed):
+                return
+            _print_results(api.run(cfg, dest, resume=resume, overwrite=overwrite, console=err), stage)
+    _guard(debug, go, where)
 
 
 @app.command(epilog="Example: rlhf sft --config stage_configs/tldr_sft.yaml --output-dir runs/sft "
@@ -323,6 +346,9 @@ def main() -> None:
         app()
     except SystemExit as e:
         sys.exit(e.code)
+    except KeyboardInterrupt:  # before a command took over (start-up): still one line and exit 130
+        err.print("[yellow]interrupted[/]; nothing was written")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -301,8 +301,10 @@ LEGACY_NAMES = {"rm": "train-rm"}  # `stage: rm` in configs written before the s
 
 # --- loading -------------------------------------------------------------------------------------
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"config file {path} is not a regular file; give a YAML file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.func import functional_call
 
+from .checkpoint import load_tensors
+from .errors import UserError, is_corrupt_safetensors
 from .models import position_ids, sequence_rewards
 from .shared_prompt import completion_rewards
 
@@ -73,7 +75,7 @@ class PolicyWithValueHead(nn.Module):
         path = Path(directory) / VALUE_HEAD_FILE
         if not path.is_file():
             return False
-        self.value_head.load_state_dict(load_file(str(path)))
+        self.value_head.load_state_dict(load_tensors(path))
         return True
 
 
@@ -147,9 +149,14 @@ class ILQLHeads(nn.Module):
     @classmethod
     def load(cls, directory) -> "ILQLHeads":
         path = Path(directory) / ILQL_HEADS_FILE
-        with safe_open(str(path), "pt") as f:
-            two_qs = f.metadata().get("two_qs") == "True"
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), "pt") as f:
+                two_qs = f.metadata().get("two_qs") == "True"
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            if is_corrupt_safetensors(e):
+                raise UserError(f"{path} is truncated or corrupt ({str(e).strip()}); it cannot be read") from None
+            raise
         hidden, vocab = sd["qs.0.0.weight"].shape[1], sd["qs.0.2.weight"].shape[0]
         heads = cls(hidden, vocab, two_qs)
         heads.load_state_dict(sd)

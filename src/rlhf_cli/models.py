@@ -9,7 +9,7 @@ import inspect
 import json
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, is_corrupt_safetensors
 from .hub import hub_error, hub_reachable, offline_mode
 
 EOS = "<|endoftext|>"
@@ -88,8 +88,11 @@ def load_pretrained(loader, name: str, what: str, **kw):
     if local.exists():
         try:
             return loader.from_pretrained(str(local), **kw)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load {what} from {local}: {str(e).strip().splitlines()[0]}") from None
+        except Exception as e:  # OSError, ValueError, safetensors' own error for a truncated file
+            if not isinstance(e, (OSError, ValueError)) and not is_corrupt_safetensors(e):
+                raise
+            why = "a weights file is truncated or corrupt" if is_corrupt_safetensors(e) else str(e).strip().splitlines()[0]
+            raise UserError(f"cannot load {what} from {local}: {why}") from None
     if not offline_mode() and not hub_reachable():
         kw = {**kw, "local_files_only": True}  # the cache may have it; skip the slow retries
     try:

@@ -25,7 +25,7 @@ from .data.tokenize import encode_prompt
 from .errors import UserError
 from .heads import ILQL_HEADS_FILE, ILQLHeads
 from .metrics import gold_scores, mean_and_stderr, rouge
-from .models import checkpoint_kind, expect_kind, load_pretrained, load_tokenizer
+from .models import checkpoint_kind, expect_kind, load_pretrained, load_tokenizer, max_positions
 from .rewards import make_reward
 from .sampling import generate, ilql_generate, sequence_logprobs
 
@@ -71,7 +71,8 @@ def evaluate_checkpoints(ckpts: list[str], pairs, gen_cfg, *, reward=None, ref: 
             expect_kind(Path(path), "policy", "--ckpt")
         tok = load_tokenizer(path)
         model = load_pretrained(AutoModelForCausalLM, path, "model").to(device).eval()
-        queries = [encode_prompt(tok, p, max_prompt_length)[0] for p in prompts]
+        room = prompt_room(model, path, max_prompt_length, gen_cfg.max_new_tokens)
+        queries = [encode_prompt(tok, p, room)[0] for p in prompts]
         steer = beta is not None and (Path(path) / ILQL_HEADS_FILE).is_file()
         if steer:
             heads = ILQLHeads.load(path).to(device)
@@ -90,6 +91,15 @@ def evaluate_checkpoints(ckpts: list[str], pairs, gen_cfg, *, reward=None, ref: 
             s[name] = {"completion": texts[i], **{k: v[i] for k, v in scores.items()}}
         del model
     return rows, samples
+
+
+def prompt_room(model, path: str, max_prompt_length: int, max_new_tokens: int) -> int:
+    """Prompt tokens that fit beside `max_new_tokens` in the model's positions (at most max_prompt_length)."""
+    limit = max_positions(model) or max_prompt_length + max_new_tokens
+    if max_new_tokens >= limit:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the {limit} positions "
+                        f"of {path}")
+    return min(max_prompt_length, limit - max_new_tokens)
 
 
 def _scores(name: str, prompts, refs, texts, reward, ref_scores, use_rouge: bool) -> tuple[dict, dict]:
@@ -280,6 +290,8 @@ def run_eval(req: EvalRequest, progress) -> EvalResult:
     source = make_reward(req.reward_ckpt, req.reward_fn, req.reward_url, batch_size=req.batch_size) if req.reward else None
     gen = GenerationConfig(max_new_tokens=req.max_new_tokens, do_sample=req.temperature > 0,
                            temperature=req.temperature or 1.0)
+    if progress is not None:
+        progress.console.print(f"{title}: sampling from {len(req.ckpts)} checkpoint(s)")
     rows, samples = evaluate_checkpoints(req.ckpts, pairs, gen, reward=source, ref=req.ref_ckpt, beta=req.beta,
                                          use_rouge=req.rouge, batch_size=req.batch_size, seed=req.seed,
                                          max_prompt_length=data_cfg.max_prompt_length, progress=progress)

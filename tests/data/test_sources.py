@@ -70,3 +70,51 @@ def test_real_tldr_sample_keeps_its_schema(shared_data):
     split = load_source(cfg(str(shared_data / "tldr" / "tldr_sft_carper_format.jsonl")), "sft", 0)
     assert formats.resolve_format(split.train, "auto", "tldr") == "tldr"
     assert all(r["prompt"].endswith("TL;DR:") for r in split.train[:50])
+
+
+def test_jsonl_is_read_row_by_row_like_datasets_reads_it(tmp_path):
+    """Every row gets every column (None where it has none), a bad line is named by its number."""
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"post": "a\\nTL;DR:", "summary": " x"}\n\n{"post": "b\\nTL;DR:", "summary": " y", "extra": 1}\n')
+    rows = load_source(cfg(str(p), eval_fraction=0.5), "sft", seed=0)
+    assert sorted(rows.train + rows.eval, key=lambda r: r["post"]) == [
+        {"post": "a\nTL;DR:", "summary": " x", "extra": None}, {"post": "b\nTL;DR:", "summary": " y", "extra": 1}]
+    p.write_text('{"post": "a"}\n{"post": \n')
+    with pytest.raises(UserError, match=r"line 2 of .*d.jsonl is not valid JSON"):
+        load_source(cfg(str(p)), "sft", seed=0)
+    p.write_text('{"post": "a"}\n[1, 2]\n')
+    with pytest.raises(UserError, match=r"line 2 of .*d.jsonl is a JSON list, not an object of columns"):
+        load_source(cfg(str(p)), "sft", seed=0)
+
+
+def test_a_huge_text_is_cut_before_tokenization_keeping_both_ends():
+    from rlhf_cli.data.sources import cut_long_texts
+
+    rows = [{"post": "HEAD" + "x" * 100 + "TAIL", "n": 3}, {"post": "short"}]
+    assert cut_long_texts(rows, 20) == 1
+    assert rows == [{"post": "HEAD" + "x" * 6 + "x" * 6 + "TAIL", "n": 3}, {"post": "short"}]
+
+
+def test_a_200_mb_row_costs_no_gigabytes(tmp_path):
+    """One enormous line (here 20 MB) is cut before it reaches the tokenizer: the plan says so, memory stays
+    bounded (it was 3-5 GB per 20 MB, tokenized whole) and it takes seconds."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, rlhf_cmd
+
+    p = tmp_path / "d.jsonl"
+    with open(p, "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"text": f"row {i} " + "the cat sat on the mat " * 20}) + "\n")
+            if i == 7:
+                f.write(json.dumps({"text": "word " * 4_000_000}) + "\n")
+    cmd = [*rlhf_cmd(), "sft", "--config", str(ROOT / "stage_configs" / "tldr_sft.yaml"), "--set",
+           f"data.source={p}", "--dry-run", "--output-dir", str(tmp_path / "out")]
+    probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+             "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); print(r.stdout)")
+    r = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, timeout=300)
+    code, peak_kb = map(int, r.stdout.split("\n", 1)[0].split())
+    assert code == 0, r.stdout[-2000:]
+    assert "1 rows had a text over 8,192 characters" in " ".join(r.stdout.replace("│", " ").split())
+    assert peak_kb < 1_500_000, peak_kb

@@ -80,6 +80,35 @@ def _text_lines(path: Path) -> list[dict]:
         raise UserError(f"line {line} of {path} is not UTF-8 text; re-encode the file as UTF-8") from None
 
 
+def _open_text(path: Path):
+    import gzip
+
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    """A JSON-lines file read one line at a time (memory follows the longest line, not a parser's blocks);
+    every row gets every column, None where it has none (as `datasets` gives them)."""
+    rows, columns = [], {}
+    try:
+        with _open_text(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise UserError(f"line {n} of {path} is not valid JSON: {getattr(e, 'msg', e)}") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"line {n} of {path} is a JSON {type(row).__name__}, not an object of columns")
+                columns.update(dict.fromkeys(row))
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise UserError(f"line {_first_non_utf8_line(path)} of {path} is not UTF-8 text; re-encode the file as "
+                        "UTF-8") from None
+    return [r if len(r) == len(columns) else {c: r.get(c) for c in columns} for r in rows]
+
+
 def _load_local_file(path: Path, plain_text: bool = False) -> list[dict]:
     import datasets
 
@@ -88,6 +117,8 @@ def _load_local_file(path: Path, plain_text: bool = False) -> list[dict]:
     if plain_text and Path(path.name.removesuffix(".gz")).suffix.lower() not in _LOCAL_BUILDERS:
         return _text_lines(path)
     builder = _builder_for(path)
+    if ".jsonl" in [s.lower() for s in path.suffixes]:
+        return _jsonl_rows(path)
     try:
         return _to_rows(datasets.load_dataset(builder, data_files=str(path), split="train"))
     except Exception as e:  # datasets wraps parse errors in its own DatasetGenerationError
@@ -163,7 +194,31 @@ def load_source(data_cfg, kind: str, seed: int) -> Split:
         rows_by_split = _load_hub(src, data_cfg)
     else:
         raise UserError(f"data source '{src}' is not a file, a directory, a hub dataset name or synthetic:*")
-    return _pick_splits(rows_by_split, data_cfg, seed, src)
+    split = _pick_splits(rows_by_split, data_cfg, seed, src)
+    cap = CHARS_PER_TOKEN * data_cfg.max_length
+    cut = cut_long_texts(split.train, cap) + cut_long_texts(split.eval, cap)
+    if cut:
+        split.notes.append(f"{cut} rows had a text over {cap:,} characters (data.max_length {data_cfg.max_length} "
+                           "tokens and more); cut to their first and last half of that before tokenization")
+    return split
+
+
+# a text this many characters per token of data.max_length is cut before it is tokenized: far more than
+# any truncation keeps (a token is ~4 characters), while a 200 MB line no longer costs gigabytes
+CHARS_PER_TOKEN = 32
+
+
+def cut_long_texts(rows: list[dict], cap: int) -> int:
+    """Cut, in place, every text column longer than `cap` characters to its first and last cap/2
+    (truncation later keeps a post's beginning or a dialogue's end: both are in what is left).
+    Returns how many rows were cut."""
+    cut = 0
+    for row in rows:
+        long = [k for k, v in row.items() if isinstance(v, str) and len(v) > cap]
+        for k in long:
+            row[k] = row[k][: cap // 2] + row[k][-(cap // 2):]
+        cut += bool(long)
+    return cut
 
 
 def load_formatted(data_cfg, kind: str, seed: int) -> tuple[Split, str]:

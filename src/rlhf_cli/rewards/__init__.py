@@ -20,27 +20,43 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification
 
 from ..data.tokenize import collate_pairs, sequence_ids
 from ..errors import UserError
-from ..models import expect_kind, fuse_gelu, load_tokenizer, sequence_rewards
+from ..models import expect_kind, fuse_gelu, load_pretrained, load_tokenizer, max_positions, sequence_rewards
 from .sentiment import ClassifierReward
 
 
+def _number(x) -> float | None:
+    """x as a float when it is a real number (int, float, a numpy or 0-d torch scalar); else None.
+
+    Strict on purpose: a string ("1e30"), a bool or None is a bug in the reward code, not a score.
+    """
+    if isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim == 0 or isinstance(x, np.generic):
+        x = x.item()
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
 def _checked(scores, n: int, where: str) -> list[float]:
-    """Scores as floats: exactly n of them, all finite."""
-    try:
-        scores = [float(s) for s in scores]
-    except (TypeError, ValueError):
-        raise UserError(f"{where} must return a list of numbers, got {type(scores).__name__}") from None
+    """Scores as floats: exactly n of them, each a finite number."""
+    if isinstance(scores, (torch.Tensor, np.ndarray)) and scores.ndim == 1:
+        scores = scores.tolist()
+    if not isinstance(scores, (list, tuple)):
+        raise UserError(f"{where} must return a list of numbers, got {type(scores).__name__}")
     if len(scores) != n:
         raise UserError(f"{where} returned {len(scores)} scores for {n} samples")
-    bad = next((i for i, s in enumerate(scores) if not math.isfinite(s)), None)
+    values = [_number(s) for s in scores]
+    bad = next((i for i, v in enumerate(values) if v is None), None)
     if bad is not None:
-        raise UserError(f"{where} returned a non-finite score ({scores[bad]}) for sample {bad}")
-    return scores
+        raise UserError(f"{where} returned {type(scores[bad]).__name__} {str(scores[bad])[:40]!r} for sample {bad}; "
+                        "a score must be a number (int or float)")
+    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise UserError(f"{where} returned a non-finite score ({values[bad]}) for sample {bad}")
+    return values
 
 
 class CheckpointReward:
@@ -53,11 +69,13 @@ class CheckpointReward:
             raise UserError(f"reward checkpoint {path} does not exist")
         expect_kind(p, "reward", "--reward-ckpt")
         self.tokenizer = load_tokenizer(str(p))
-        self.model = fuse_gelu(AutoModelForSequenceClassification.from_pretrained(str(p)).eval())
+        self.model = fuse_gelu(load_pretrained(AutoModelForSequenceClassification, str(p), "reward model").eval())
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
-        self.batch_size, self.max_length = batch_size, max_length
-        self.max_prompt_length = max_prompt_length or max_length * 3 // 4
+        # never more tokens than the model has positions (a longer input would index past its embedding)
+        self.max_length = min(max_length, max_positions(self.model) or max_length)
+        self.batch_size = batch_size
+        self.max_prompt_length = min(max_prompt_length or self.max_length * 3 // 4, self.max_length)
         self.name = str(p)
 
     def score(self, prompts: list[str], completions: list[str], **metadata) -> list[float]:
@@ -100,8 +118,10 @@ class CallableReward:
             sys.path.insert(0, os.getcwd())  # a module beside the user's config, as `python -m` would find it
         try:
             module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise UserError(f"cannot import reward module '{module_name}': {e}") from None
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # user code: even SystemExit at import is an error, not an exit
+            raise UserError(f"cannot import reward module '{module_name}': {type(e).__name__}: {e}") from None
         self.fn = getattr(module, fn_name, None)
         if not callable(self.fn):
             raise UserError(f"reward module '{module_name}' has no function '{fn_name}'")
@@ -111,9 +131,9 @@ class CallableReward:
         samples = [p + c for p, c in zip(prompts, completions)]
         try:
             scores = self.fn(samples=samples, prompts=prompts, outputs=completions, **metadata)
-        except UserError:
+        except (UserError, KeyboardInterrupt):
             raise
-        except Exception as e:
+        except BaseException as e:  # user code: SystemExit / sys.exit() must not end the run with exit 0
             raise UserError(f"reward function {self.name} raised {type(e).__name__}: {e}") from None
         return _checked(scores, len(prompts), f"reward function {self.name}")
 

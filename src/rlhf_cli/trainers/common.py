@@ -129,11 +129,16 @@ def progress_bar(console, enabled: bool):
                     TextColumn("{task.fields[info]}"), console=console, disable=not enabled)
 
 
-def optimizer_step(acc, model, optimizer, scheduler, max_grad_norm: float | None, loss: float, step: int):
-    """Stop on a non-finite loss (the last good checkpoint stays); clip, step, zero. Returns the grad norm."""
+def optimizer_step(acc, model, optimizer, scheduler, max_grad_norm: float | None, loss: float, step: int,
+                   saved_step: int | None = None):
+    """Stop on a non-finite loss before it reaches the weights; clip, step, zero. Returns the grad norm.
+
+    `saved_step`: the step of the run's last checkpoint, if any (the message says what is left).
+    """
     if not math.isfinite(loss):
-        raise UserError(f"the loss became {loss} at step {step}; the last good checkpoint is kept "
-                        "(lower train.learning_rate?)")
+        kept = f"the checkpoint of step {saved_step} is kept" if saved_step else "no checkpoint had been saved yet"
+        raise UserError(f"the loss became {loss} at step {step}; {kept} (lower train.learning_rate, then rerun "
+                        "with --overwrite)")
     grad_norm = acc.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm else None
     optimizer.step()
     scheduler.step()

@@ -99,6 +99,7 @@ def plan(cfg, out: Path) -> dict:
     mean_len = sum(len(f["chosen"]["input_ids"]) + len(f["rejected"]["input_ids"]) for f in feats) / len(feats)
     per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world_size
     info.update({"data": f"{cfg.data.source} ({data.fmt}): {len(data.train)} train pairs, {len(data.eval)} held-out",
+                 "data_notes": "; ".join(data.notes) or "none",
                  "model": f"{count_params(model) / 1e6:.2f}M parameters", "optimizer_steps": steps,
                  "pairs_per_step": per_step, "estimated_tokens": int(steps * per_step * mean_len)})
     return info

@@ -146,7 +146,8 @@ def plan(cfg, out: Path) -> dict:
     data = load_samples(cfg)
     steps, _ = common.total_steps(cfg.train, len(data.train), world_size)
     info.update({"data": f"{cfg.data.source} ({data.fmt}): {len(data.train)} samples, "
-                         f"{len(data.eval_prompts)} held-out prompts", "optimizer_steps": steps})
+                         f"{len(data.eval_prompts)} held-out prompts", "optimizer_steps": steps,
+                 "data_notes": "; ".join(data.notes) or "none"})
     return info
 
 

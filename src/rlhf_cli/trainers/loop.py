@@ -20,6 +20,7 @@ micro-batch's tokens more than a long one's).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,8 +153,10 @@ class _Loop:
         for micro in micro_batches:
             self.state["examples"] += micro.examples
             self.state["tokens"] += micro.tokens
+        last = ck.latest_checkpoint(self.run.out) if not math.isfinite(loss_total) else None  # for the message
         grad_norm = common.optimizer_step(self.acc, self.model, self.optimizer, self.scheduler,
-                                          self.cfg.train.max_grad_norm, loss_total, self.state["step"] + 1)
+                                          self.cfg.train.max_grad_norm, loss_total, self.state["step"] + 1,
+                                          saved_step=int(last.name.removeprefix(ck.CKPT_PREFIX)) if last else None)
         self.state["step"] += 1
         self.window.steps += 1
         self.window.grad_norm += grad_norm

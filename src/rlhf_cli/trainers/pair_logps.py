@@ -78,6 +78,14 @@ def cache_key(cfg, data: PairData, tok, policy_path: str, batching: str = "") ->
     return h.hexdigest()[:32]
 
 
+def _read_cache(path: Path) -> dict | None:
+    """A cache file's tensors; a missing, truncated or unreadable file is a miss (it is computed again)."""
+    try:
+        return load_file(str(path)) if path.exists() else None
+    except Exception:
+        return None
+
+
 def cached_reference(cfg, data, tok, policy, feats, feats_eval, device, console, progress, batcher):
     """Reference log-probs of train and held-out pairs, from the cache or computed once and stored.
 
@@ -89,11 +97,10 @@ def cached_reference(cfg, data, tok, policy, feats, feats_eval, device, console,
                            cfg.share_prompt])
     root = Path(cfg.ref_cache_dir or Path.home() / ".cache" / "rlhf_cli" / "ref_logps").expanduser()
     path = root / f"{cache_key(cfg, data, tok, cfg.policy_source, batching)}.safetensors"
-    if path.exists():
-        t = load_file(str(path))
-        if t["train"].shape[0] == len(feats) and t["eval"].shape[0] == len(feats_eval):
-            console.print(f"  reference log-probs from the cache {path}")
-            return t["train"], t["eval"]
+    t = _read_cache(path)
+    if t is not None and {"train", "eval"} <= t.keys() and (len(t["train"]), len(t["eval"])) == (len(feats), len(feats_eval)):
+        console.print(f"  reference log-probs from the cache {path}")
+        return t["train"], t["eval"]
     train = reference_logps(policy, tok, feats, cfg.eval.batch_size, device, progress, batches, cfg.share_prompt)
     held = reference_logps(policy, tok, feats_eval, cfg.eval.batch_size, device, progress,
                            [list(range(i, min(len(feats_eval), i + cfg.eval.batch_size)))

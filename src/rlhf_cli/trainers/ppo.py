@@ -52,6 +52,7 @@ def plan(cfg, out: Path) -> dict:
     data = load_prompts(cfg)
     iters = total_iterations(cfg, len(data.train), world_size)
     info.update({"data": f"{cfg.data.source} ({data.fmt}): {len(data.train)} prompts, {len(data.eval)} held-out",
+                 "data_notes": "; ".join(data.notes) or "none",
                  "iterations": iters, "rollouts": iters * cfg.ppo.num_rollouts,
                  "optimizer_steps": iters * iteration_steps(cfg, world_size)})
     if src != "tiny":

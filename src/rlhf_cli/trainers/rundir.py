@@ -59,8 +59,10 @@ class Run:
         self.resume_from = resume_from
         self.started = ck.now()
         main = is_main(accelerator)
+        self.run_id = None
         if main:
             self.partial.mkdir(parents=True, exist_ok=True)
+            self.run_id = ck.start_run_file(self.partial)
             log = self.partial / ck.METRICS
             if resume_from is not None and (resume_from / ck.METRICS).exists():
                 shutil.copyfile(resume_from / ck.METRICS, log)  # the live log restarts from the checkpoint's
@@ -91,7 +93,7 @@ class Run:
             (dest / name).write_text(text)
         if status == "complete":
             manifest = {**manifest, "content_hash": ck.compute_content_hash(dest)}
-        ck.write_manifest(dest, status=status, stage=self.cfg.stage, config=to_dict(self.cfg),
+        ck.write_manifest(dest, status=status, stage=self.cfg.stage, config=to_dict(self.cfg), run_id=self.run_id,
                           started=self.started, ended=ck.now(), step=progress["step"], **manifest)
 
     def save_intermediate(self, model, tokenizer, optimizer, scheduler, progress: dict, manifest: dict) -> None:
@@ -126,7 +128,7 @@ class Run:
                         shutil.copytree(src, tmp / name)
                 self._write(tmp, model, tokenizer, optimizer, scheduler, progress, "complete", manifest,
                             extra_files, state_dict=state_dict)
-            shutil.rmtree(self.partial, ignore_errors=True)
+            ck.retire(self.partial)  # a kill before or during this leaves it whole or gone (see finish_cleanup)
         STOP.armed = False
         barrier()
 

@@ -99,6 +99,7 @@ def plan(cfg, out: Path) -> dict:
     mean_len = sum(len(f["input_ids"]) for f in feats) / len(feats)
     per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world_size
     info.update({
+        "data_notes": "; ".join(data.notes) or "none",
         "model": f"{name}: {count_params(model) / 1e6:.2f}M parameters, vocabulary {len(tok)}",
         "sequence": f"mean {mean_len:.0f} tokens, max {max(len(f['input_ids']) for f in feats)}; "
                     f"{truncated} prompts truncated to {cfg.data.max_prompt_length}",

@@ -118,6 +118,7 @@ def plan(cfg, out: Path) -> dict:
     mean_len = sum(len(f["chosen"]) + len(f["rejected"]) for f in feats) / len(feats)
     per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world_size
     info.update({
+        "data_notes": "; ".join(data.notes) or "none",
         "data": f"{cfg.data.source} ({data.fmt}): {len(data.train)} train pairs, {len(data.eval)} held-out; "
                 f"dropped {data.dropped_equal} with chosen == rejected, {data.dropped_malformed} malformed",
         "model": f"{count_params(model) / 1e6:.2f}M parameters; bottom {frozen} blocks frozen",
