@@ -368,6 +368,14 @@ def prune_checkpoints(out: Path, keep_last: int) -> None:
         retire(p)  # a kill midway must not leave a half-deleted checkpoint that looks resumable
 
 
+def _resume_point(out: Path, only_if_running: bool = False) -> Path | None:
+    """The newest resumable checkpoint of an unfinished run, else a complete run's own state, else None."""
+    last = latest_checkpoint(out) if (in_progress(out) or not only_if_running) else None
+    if last is not None:
+        return last
+    return out if is_complete(out) and (out / STATE_DIR).exists() else None
+
+
 def prepare_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
     """Check the output directory against --resume/--overwrite; return the checkpoint to resume from.
 
@@ -381,8 +389,7 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
     if os.environ.get("RANK", "0") != "0":
         # another process of a multi-process run: the main process checks and cleans; this one only
         # needs to know where to resume from (nothing is created before every process has looked)
-        last = latest_checkpoint(out) if in_progress(out) else None
-        return (last or (out if is_complete(out) and (out / STATE_DIR).exists() else None)) if resume else None
+        return _resume_point(out, only_if_running=True) if resume else None
     for parent in (out.parent, partial, partial / "checkpoints"):
         clean_stale_temps(parent)
     finish_cleanup(out)
@@ -392,12 +399,7 @@ def prepare_output(out: Path, resume: bool, overwrite: bool) -> Path | None:
             raise UserError(f"output path {out} exists and is not a directory")
         return None
     if resume:
-        last = latest_checkpoint(out)
-        if last is not None:
-            return last
-        if is_complete(out) and (out / STATE_DIR).exists():
-            return out
-        return None
+        return _resume_point(out)
     if partial.exists() and any(partial.iterdir()):
         raise UserError(
             f"an unfinished run exists in {partial}; pass --resume to continue it or --overwrite to start over"
