@@ -39,6 +39,39 @@ def test_optimizer_state_round_trips_without_pickle(tmp_path):
         assert torch.equal(opt.state_dict()["state"][0][k], opt2.state_dict()["state"][0][k])
 
 
+def test_a_nested_state_round_trips_through_safetensors_and_json(tmp_path):
+    """The shape of a ZeRO optimizer's state_dict: int keys, tuples, a loss-scaler object, an enum."""
+    import enum
+
+    class Stage(enum.IntEnum):
+        gradients = 2
+
+    class Scaler:
+        def __init__(self, scale):
+            self.cur_scale, self.cur_iter, self.fn = scale, 0, print
+
+    def state(seed, scale):
+        g = torch.Generator().manual_seed(seed)
+        return {"loss_scaler": Scaler(scale), "overflow": False, "zero_stage": Stage.gradients,
+                "base_optimizer_state": {"state": {0: {"exp_avg": torch.randn(5, generator=g), "step": torch.tensor(7.0)}},
+                                         "param_groups": [{"lr": 0.1, "betas": (0.9, 0.95), "params": [0]}]},
+                "single_partition_of_fp32_groups": [torch.randn(5, generator=g)], "mapping": {object(): 1}}
+
+    saved, live = state(0, 1024.0), state(1, 1.0)
+    saved["loss_scaler"].cur_iter = 9
+    ck.save_nested(saved, tmp_path / "rank-00000", {"world_size": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank-00000.json", "rank-00000.safetensors"]
+    assert ck.read_nested_meta(tmp_path / "rank-00000") == {"world_size": 2}
+    back = ck.load_nested(tmp_path / "rank-00000", live)
+    assert torch.equal(back["base_optimizer_state"]["state"][0]["exp_avg"], saved["base_optimizer_state"]["state"][0]["exp_avg"])
+    assert back["base_optimizer_state"]["state"][0]["step"].item() == 7.0
+    assert torch.equal(back["single_partition_of_fp32_groups"][0], saved["single_partition_of_fp32_groups"][0])
+    assert back["base_optimizer_state"]["param_groups"] == [{"lr": 0.1, "betas": (0.9, 0.95), "params": [0]}]
+    # the live loss scaler gets the saved counters; what JSON cannot hold comes from the live state
+    assert back["loss_scaler"] is live["loss_scaler"] and (live["loss_scaler"].cur_scale, live["loss_scaler"].cur_iter) == (1024.0, 9)
+    assert back["zero_stage"] is Stage.gradients and back["mapping"] is not saved["mapping"]
+
+
 def test_rng_state_round_trip():
     import random
 

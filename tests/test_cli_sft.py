@@ -80,7 +80,7 @@ def _data_file(tmp_path, rows, name="d.jsonl"):
 
 
 @pytest.mark.parametrize("case", ["wrong_key", "wrong_type", "missing_config", "missing_data", "empty",
-                                  "missing_column", "bad_utf8", "hub_offline", "bad_yaml"])
+                                  "missing_column", "bad_utf8", "hub_offline", "bad_yaml", "brackets"])
 def test_bad_input_is_one_sentence_and_exit_2(case, tmp_path):
     args = ["sft", "--config", CONFIG, "--output-dir", str(tmp_path / "o"), *MICRO]
     expect = {
@@ -94,6 +94,8 @@ def test_bad_input_is_one_sentence_and_exit_2(case, tmp_path):
         "bad_utf8": ([], "line 2 of .*bad.jsonl is not UTF-8 text"),
         "hub_offline": (["--set", "model.name_or_path=someone/missing-model"], "hub is unreachable|cannot load model"),
         "bad_yaml": ([], "not valid YAML"),
+        # brackets in a message are text, not markup (rich failed on "[/x]" and the error was lost)
+        "brackets": (["--set", f"data.source={tmp_path}/[/x]/none.jsonl"], r"\[/x\]/none.jsonl' is not a file"),
     }[case]
     extra, pattern = expect
     if case == "missing_config":

@@ -135,3 +135,61 @@ def test_bad_input_with_two_processes_is_still_one_sentence(tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: data source") and len(lines) <= 2  # the launch notice, the error
     assert not (tmp_path / "s").exists()
+
+
+# Imported by every Python process of the run (launcher and workers) through PYTHONPATH: each notes its
+# pid; once the checkpoint of step KILL_AFTER_STEP is written, the main process SIGKILLs them all (the
+# launcher may start workers in sessions of their own, so a process group would not reach them).
+KILL_AFTER = r"""
+import os, signal
+from pathlib import Path
+if os.environ.get("KILL_AFTER_STEP"):
+    pids = Path(os.environ["KILL_PIDS"])
+    with open(pids, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    from rlhf_cli.trainers import rundir
+    save = rundir.Run.save_intermediate
+
+    def save_then_die(self, model, tokenizer, optimizer, scheduler, progress, manifest):
+        save(self, model, tokenizer, optimizer, scheduler, progress, manifest)
+        if progress["step"] >= int(os.environ["KILL_AFTER_STEP"]) and os.environ.get("RANK", "0") == "0":
+            for pid in {int(p) for p in pids.read_text().split()} - {os.getpid()}:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            os.kill(os.getpid(), signal.SIGKILL)
+    rundir.Run.save_intermediate = save_then_die
+"""
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_zero_resume_restores_the_optimizer_state(zero, tmp_path):
+    """Killed after its first checkpoint and resumed, a ZeRO run trains on as the uninterrupted one did:
+    each process's shard of Adam's moments and fp32 weights was saved (safetensors) and restored."""
+    import os
+
+    pytest.importorskip("deepspeed")
+    steps = 9
+    base = ["sft", "--config", str(ROOT / "stage_configs" / "tldr_sft.yaml"), *TINY_MODEL, *SMALL,
+            "--set", f"train.max_steps={steps}", "--set", "train.batch_size=4", "--set", "eval.at_start=false",
+            "--set", "distributed.num_processes=2", "--set", f"distributed.deepspeed_config={ACC / f'ds_zero{zero}.json'}"]
+    _run([*base, "--output-dir", str(tmp_path / "straight")])
+    out = tmp_path / "killed"
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(KILL_AFTER)
+    env = {**os.environ, "KILL_AFTER_STEP": "3", "KILL_PIDS": str(tmp_path / "pids"),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run([*rlhf_cmd(), *base, "--output-dir", str(out)], capture_output=True, text=True, env=env)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    ckpts = sorted(p.name for p in (tmp_path / "killed.partial" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000003"]
+    zero_dir = tmp_path / "killed.partial" / "checkpoints" / "step-00000003" / "trainer_state" / "zero"
+    assert sorted(p.name for p in zero_dir.iterdir()) == [
+        "rank-00000.json", "rank-00000.safetensors", "rank-00001.json", "rank-00001.safetensors"]
+    r = _run([*base, "--output-dir", str(out), "--resume"])
+    assert "at step 3" in r.stderr and "moments restart" not in r.stderr
+    straight, resumed = _losses(tmp_path / "straight"), _losses(out)
+    assert len(straight) == len(resumed) == steps
+    assert resumed == pytest.approx(straight, rel=1e-5)  # with Adam restarted at step 3 they differ by ~1e-2
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # nothing pickled

@@ -5,6 +5,7 @@
       rlhf_stage.json             manifest: stage, version, resolved config, parent, data, metrics, times
       metrics.jsonl               every logged metric, one JSON object per line
       trainer_state/              optimizer.safetensors + state.json (scheduler, RNG, step, data position)
+        zero/rank-00000.*         under DeepSpeed ZeRO: each process's optimizer shard (safetensors + JSON)
     runs/sft.partial/             only while a run is in progress (or was killed)
       run.json                    the run's id (the final manifest names it too)
       metrics.jsonl               the live log
@@ -16,6 +17,7 @@ Tensors are stored with safetensors only; everything else is JSON. Nothing here 
 
 from __future__ import annotations
 
+import enum
 import fcntl
 import hashlib
 import json
@@ -212,6 +214,75 @@ def load_optimizer(optimizer, path: Path) -> None:
         idx, k = key.split(".", 1)
         state.setdefault(int(idx), {})[k] = v
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# --- a nested state (DeepSpeed ZeRO's per-process optimizer state) as safetensors + a JSON skeleton --
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _encode(x, tensors: dict):
+    """The JSON skeleton of `x`: tensors go to `tensors` by name; an object keeps its plain attributes;
+    anything else is marked to be taken, on load, from the live state (it depends on the config only)."""
+    if hasattr(x, "shape") and hasattr(x, "detach"):
+        name = f"t{len(tensors)}"
+        tensors[name] = x.detach().cpu().clone().contiguous()  # clone: safetensors refuses shared storage
+        return {"tensor": name}
+    if type(x) in _PLAIN:
+        return x
+    if isinstance(x, enum.Enum):
+        return {"live": True}
+    if isinstance(x, dict):
+        return {"dict": [[k, _encode(v, tensors)] for k, v in x.items() if isinstance(k, (str, int))]}
+    if isinstance(x, (list, tuple)):
+        return {"tuple" if isinstance(x, tuple) else "list": [_encode(v, tensors) for v in x]}
+    if hasattr(x, "__dict__"):  # e.g. a loss scaler: its scale and counters
+        return {"attrs": {k: v for k, v in vars(x).items() if type(v) in _PLAIN}}
+    return {"live": True}
+
+
+def _decode(skel, live, tensors: dict):
+    if not isinstance(skel, dict):
+        return skel
+    if "tensor" in skel:
+        return tensors[skel["tensor"]]
+    if "dict" in skel:
+        base = live if isinstance(live, dict) else {}
+        out = type(base)() if isinstance(base, dict) else {}
+        out.update(base)  # entries the file does not hold (non-plain keys) stay as they are
+        for k, v in skel["dict"]:
+            out[k] = _decode(v, base.get(k), tensors)
+        return out
+    if "list" in skel or "tuple" in skel:
+        items = skel.get("list", skel.get("tuple"))
+        base = live if isinstance(live, (list, tuple)) and len(live) == len(items) else [None] * len(items)
+        seq = [_decode(v, b, tensors) for v, b in zip(items, base)]
+        return tuple(seq) if "tuple" in skel else seq
+    if "attrs" in skel:
+        for k, v in skel["attrs"].items():
+            if live is not None:
+                setattr(live, k, v)
+        return live
+    return live
+
+
+def save_nested(state, path: Path, meta: dict) -> None:
+    """`path`.safetensors (the tensors) and `path`.json (the rest, and `meta`); nothing is pickled."""
+    from safetensors.torch import save_file
+
+    tensors: dict = {}
+    skeleton = _encode(state, tensors)
+    save_file(tensors, str(path.with_suffix(".safetensors")))
+    path.with_suffix(".json").write_text(json.dumps({"meta": meta, "skeleton": skeleton}))
+
+
+def read_nested_meta(path: Path) -> dict:
+    return json.loads(path.with_suffix(".json").read_text())["meta"]
+
+
+def load_nested(path: Path, live):
+    """What `save_nested` wrote, rebuilt over `live` (the same structure from a fresh object)."""
+    skeleton = json.loads(path.with_suffix(".json").read_text())["skeleton"]
+    return _decode(skeleton, live, load_tensors(path.with_suffix(".safetensors")))
 
 
 def rng_state() -> dict:

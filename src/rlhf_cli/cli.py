@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import UserError
 
@@ -42,7 +43,9 @@ TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model
 
 def _fail(message: str, code: int = 2):
     message = message.rstrip()
-    err.print(f"[bold red]error:[/] {message}{'' if message.endswith(('.', '?', '!')) else '.'}", highlight=False,
+    # escaped: a message may quote text with brackets (a path, a library's "[file.cc:537]") that rich
+    # would otherwise take for markup and fail on
+    err.print(f"[bold red]error:[/] {escape(message)}{'' if message.endswith(('.', '?', '!')) else '.'}", highlight=False,
               soft_wrap=True)
     raise typer.Exit(code)
 

@@ -97,3 +97,50 @@ def uses_deepspeed(acc) -> bool:
 def zero_stage(acc) -> int:
     plugin = getattr(acc.state, "deepspeed_plugin", None)
     return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def broadcast(value):
+    """The main process's `value`, on every process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --- ZeRO: each process saves and restores its own shard of the optimizer state -------------------
+def _zero_optimizer(optimizer):
+    """The DeepSpeed ZeRO optimizer inside Accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def save_zero_shard(acc, optimizer, folder: Path) -> None:
+    """Every process writes `folder/rank-<r>.{safetensors,json}`: its partition of the fp32 master
+    weights and of Adam's moments (DeepSpeed's own checkpoints are pickles; these are not)."""
+    from .. import checkpoint as ck
+
+    rank, size = world(acc)
+    folder.mkdir(parents=True, exist_ok=True)
+    ck.save_nested(_zero_optimizer(optimizer).state_dict(), folder / f"rank-{rank:05d}",
+                   {"world_size": size, "zero_stage": zero_stage(acc)})
+
+
+def load_zero_shard(acc, optimizer, folder: Path) -> str | None:
+    """Restore this process's shard saved by `save_zero_shard`; returns a note when it cannot be used."""
+    from .. import checkpoint as ck
+
+    rank, size = world(acc)
+    if not folder.is_dir():
+        return f"{folder.parent.parent} holds no ZeRO optimizer state: Adam's moments restart from zero"
+    meta = ck.read_nested_meta(folder / f"rank-{0:05d}")
+    if (meta["world_size"], meta["zero_stage"]) != (size, zero_stage(acc)):
+        return (f"the optimizer state was saved by {meta['world_size']} processes under ZeRO-{meta['zero_stage']}; "
+                f"this run has {size} under ZeRO-{zero_stage(acc)}: Adam's moments restart from zero")
+    inner = _zero_optimizer(optimizer)
+    live = inner.state_dict()
+    shards: list = [None] * size
+    # an elastic ZeRO-1/2 layout rebuilds each partition from every process's file; otherwise one's own
+    for r in range(size) if getattr(inner, "elastic_checkpoint", False) else [rank]:
+        shards[r] = ck.load_nested(folder / f"rank-{r:05d}", live)
+    inner.load_state_dict(shards, load_optimizer_states=True, load_from_fp32_weights=True)
+    return None

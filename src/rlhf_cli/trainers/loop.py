@@ -56,7 +56,7 @@ def fit(stage_cls: type[Stage], cfg, out: Path, resume: bool = False, overwrite:
     run = rundir.Run(cfg, out, acc, resume_from)
     state = {"step": 0, "examples": 0, "tokens": 0, **stage.initial_state()}
     if resume_from is not None:
-        state = rundir.load_resumed(resume_from, optimizer, scheduler)
+        state = rundir.load_resumed(resume_from, acc, optimizer, scheduler, console)
         console.print(f"resuming from {resume_from} at step {state['step']}")
     stage.start(model, acc, state)
     console.print(stage.describe())

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -13,7 +14,7 @@ from .. import checkpoint as ck
 from ..config import to_dict
 from ..errors import UserError
 from ..tracking import MetricsLogger, read_metrics, truncate_metrics
-from .distributed import barrier, is_main, uses_deepspeed
+from .distributed import barrier, broadcast, is_main, load_zero_shard, save_zero_shard, uses_deepspeed
 
 
 def run_name(cfg) -> str:
@@ -50,12 +51,16 @@ class Interrupted(KeyboardInterrupt):
         self.step, self.path = step, path
 
 
+ZERO_DIR = "zero"
+
+
 class Run:
     """One stage run's directories, logger and checkpoint writing (main process only writes)."""
 
     def __init__(self, cfg, out: Path, accelerator, resume_from: Path | None):
         self.cfg, self.out, self.acc = cfg, Path(out), accelerator
         self.partial = ck.partial_dir(self.out)
+        self.zero_staging: Path | None = None
         self.resume_from = resume_from
         self.started = ck.now()
         main = is_main(accelerator)
@@ -84,9 +89,11 @@ class Run:
         unwrapped = self.acc.unwrap_model(model)
         unwrapped.save_pretrained(dest, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(dest)
-        # ZeRO shards the optimizer state across processes; it is not gathered (a resume restarts the moments)
+        # ZeRO shards the optimizer state across processes: each wrote its own (_stage_zero_shards)
         ck.save_trainer_state(dest / ck.STATE_DIR, None if uses_deepspeed(self.acc) else optimizer, scheduler,
                               progress)
+        if self.zero_staging is not None and self.zero_staging.is_dir():
+            os.replace(self.zero_staging, dest / ck.STATE_DIR / ZERO_DIR)
         if (self.partial / ck.METRICS).exists():
             shutil.copyfile(self.partial / ck.METRICS, dest / ck.METRICS)
         for name, text in (extra_files or {}).items():
@@ -96,9 +103,20 @@ class Run:
         ck.write_manifest(dest, status=status, stage=self.cfg.stage, config=to_dict(self.cfg), run_id=self.run_id,
                           started=self.started, ended=ck.now(), step=progress["step"], **manifest)
 
+    def _stage_zero_shards(self, optimizer) -> None:
+        """Under ZeRO every process writes its optimizer shard beside the checkpoint being made (a temp
+        folder named for the main process, so a killed run's is tidied at the next start); the main
+        process moves it in."""
+        if not uses_deepspeed(self.acc):
+            return
+        self.zero_staging = self.partial / f".{ZERO_DIR}.tmp-{broadcast(os.getpid())}"
+        save_zero_shard(self.acc, optimizer, self.zero_staging)
+        barrier()
+
     def save_intermediate(self, model, tokenizer, optimizer, scheduler, progress: dict, manifest: dict) -> None:
         barrier()
         state_dict = self.acc.get_state_dict(model)  # every process takes part: ZeRO-3 gathers the shards
+        self._stage_zero_shards(optimizer)
         if is_main(self.acc):
             dest = self.partial / "checkpoints" / f"{ck.CKPT_PREFIX}{progress['step']:08d}"
             with ck.atomic_dir(dest) as tmp:
@@ -119,6 +137,7 @@ class Run:
                    extra_files: dict[str, str] | None = None, extra_dirs: dict[str, Path] | None = None) -> None:
         barrier()
         state_dict = self.acc.get_state_dict(model)
+        self._stage_zero_shards(optimizer)
         if is_main(self.acc):
             self.logger.close()
             with ck.atomic_dir(self.out) as tmp:
@@ -141,8 +160,14 @@ def already_complete(out: Path, resume_from: Path | None, steps: int, console) -
     return ck.read_manifest(out) or {}
 
 
-def load_resumed(resume_from: Path, optimizer, scheduler) -> dict:
-    return ck.load_trainer_state(resume_from / ck.STATE_DIR, optimizer, scheduler)
+def load_resumed(resume_from: Path, acc, optimizer, scheduler, console) -> dict:
+    """The progress saved in `resume_from`; the optimizer and scheduler restored to it."""
+    if not uses_deepspeed(acc):
+        return ck.load_trainer_state(resume_from / ck.STATE_DIR, optimizer, scheduler)
+    note = load_zero_shard(acc, optimizer, resume_from / ck.STATE_DIR / ZERO_DIR)
+    if note and is_main(acc):
+        console.print(f"[yellow]warning:[/] {note}")
+    return ck.load_trainer_state(resume_from / ck.STATE_DIR, None, scheduler)
 
 
 def config_changes(cfg, resume_from: Path) -> list[str]:
