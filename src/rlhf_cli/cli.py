@@ -11,20 +11,81 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer vendors click
+from typer.core import TyperGroup
 
 from .errors import UserError
+from .version import __version__
+
+err = Console(stderr=True)  # messages, progress, errors
+out = Console()  # results: plans, tables, scores
+
+# names users reach for (trlx, TRL, older versions of this CLI) that are not commands: suggested, not run
+ALIASES = {"rm": "train-rm", "reward": "train-rm", "reward-model": "train-rm", "train_rm": "train-rm",
+           "trainrm": "train-rm", "evaluate": "eval", "generate": "eval", "finetune": "sft"}
+
+
+def _say(message: str) -> None:
+    """The one error style: `error: <sentence>.`, whoever raised it (we, click, or a usage mistake)."""
+    message = message.rstrip()
+    # escaped: a message may quote text with brackets (a path, a library's "[file.cc:537]") that rich
+    # would otherwise take for markup and fail on
+    err.print(f"[bold red]error:[/] {escape(message)}{'' if message.endswith(('.', '?', '!')) else '.'}",
+              highlight=False, soft_wrap=True)
+
+
+class _Group(TyperGroup):
+    """Usage mistakes in the same one-sentence style as every other error, with the help to look at."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] in ALIASES and args[0] not in self.commands:
+            raise UsageError(f"no such command '{args[0]}'; did you mean '{ALIASES[args[0]]}'?", ctx)
+        return super().resolve_command(ctx, args)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as e:  # bare `rlhf`: the help
+            e.show()
+            sys.exit(0)
+        except UsageError as e:
+            where = e.ctx.command_path if e.ctx else "rlhf"
+            text = e.format_message().replace(". Did you mean", "; did you mean").rstrip(".")
+            text = text[:1].lower() + text[1:]
+            _say(f"{text} See '{where} --help'." if text.endswith("?") else f"{text}; see '{where} --help'")
+            sys.exit(2)
+        except ClickException as e:
+            _say(e.format_message())
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            err.print("[yellow]interrupted[/]; nothing was written")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=_Group,
     help="Reinforcement Learning from Human Feedback, one stage per subcommand.\n\n"
     "Example: rlhf sft --config stage_configs/tldr_sft.yaml --output-dir runs/sft",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
 )
-err = Console(stderr=True)  # messages, progress, errors
-out = Console()  # results: plans, tables, scores
+
+
+def _version(value: bool) -> None:
+    if value:
+        import torch
+        import transformers
+
+        out.print(f"rlhf-cli {__version__} (torch {torch.__version__}, transformers {transformers.__version__})",
+                  highlight=False)
+        raise typer.Exit()
 
 
 @app.callback()
-def _root() -> None:
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
     """Reinforcement Learning from Human Feedback, one stage per subcommand."""
 
 
@@ -42,11 +103,7 @@ TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model
 
 
 def _fail(message: str, code: int = 2):
-    message = message.rstrip()
-    # escaped: a message may quote text with brackets (a path, a library's "[file.cc:537]") that rich
-    # would otherwise take for markup and fail on
-    err.print(f"[bold red]error:[/] {escape(message)}{'' if message.endswith(('.', '?', '!')) else '.'}", highlight=False,
-              soft_wrap=True)
+    _say(message)
     raise typer.Exit(code)
 
 

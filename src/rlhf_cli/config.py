@@ -140,6 +140,9 @@ class LoggingConfig(Section):
     wandb: bool = Field(False, description="Also log to Weights & Biases (needs `pip install wandb`).")
     wandb_project: str = Field("rlhf-cli", description="W&B project name.")
     run_name: str | None = Field(None, description="Run name; default: stage-preset-seed-time.")
+    print_every: int = Field(10, ge=1, description="Without a terminal (nohup, Slurm, CI): a plain progress line "
+                             "every this many steps (step, loss, lr, grad-norm, tokens/s, ETA)...")
+    print_every_seconds: float = Field(60.0, gt=0, description="...or after this many seconds, whichever comes first.")
 
 
 class DistributedConfig(Section):
@@ -379,9 +382,19 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
-def _describe(err: dict, model: type[BaseModel], source: str) -> str:
+def _has(tree: dict, loc: tuple) -> bool:
+    for part in loc:
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def _describe(err: dict, model: type[BaseModel], source: str, layers: tuple = ()) -> str:
     loc = tuple(str(p) for p in err["loc"])
     dotted = ".".join(loc)
+    # blame the layer the key came from: the last (--set, then the preset) that holds it, else the file
+    source = next((name for name, tree in reversed(layers) if _has(tree, loc)), source)
     if err["type"] == "extra_forbidden":
         valid = _fields_at(model, loc[:-1])
         close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
@@ -396,8 +409,9 @@ def _describe(err: dict, model: type[BaseModel], source: str) -> str:
     return f"'{dotted}' in {source}: {msg[0].lower() + msg[1:]}{got_s}"
 
 
-def validate(raw: dict, source: str) -> StageConfig:
-    """Validate a fully merged dict; raise UserError with one sentence on the first problem."""
+def validate(raw: dict, source: str, layers: tuple = ()) -> StageConfig:
+    """Validate a fully merged dict; raise UserError with one sentence on the first problem.
+    `layers`: (name, dict) pairs merged over the file, in order, to name where a bad key came from."""
     stage = raw.get("stage")
     if stage not in CONFIGS:
         raise UserError(f"{source} must set 'stage' to one of {', '.join(CONFIGS)} (got {stage!r})")
@@ -406,7 +420,7 @@ def validate(raw: dict, source: str) -> StageConfig:
         return model.model_validate(raw)
     except ValidationError as e:
         errors = e.errors()
-        first = _describe(errors[0], model, source)
+        first = _describe(errors[0], model, source, layers)
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
         raise UserError(first + more) from None
 
@@ -442,7 +456,8 @@ def load_config(
     merged = deep_merge(raw, presets.get(name) or {})
     merged = deep_merge(merged, cli)
     merged["preset"] = name
-    return validate(merged, source)
+    setting = "overrides" if isinstance(overrides, dict) else "--set"  # the Python API's, or the CLI's
+    return validate(merged, source, ((f"preset '{name}' of {source}", presets.get(name) or {}), (setting, cli)))
 
 
 def to_dict(cfg: BaseModel) -> dict:

@@ -29,7 +29,9 @@ class MetricsLogger:
                 import wandb
             except ImportError:
                 raise UserError("logging.wandb is on but wandb is not installed (pip install wandb)") from None
-            self.wandb = wandb.init(project=logging_cfg.wandb_project, name=run_name, config=config)
+            # its run folder beside our log (it travels into the checkpoint), not in the current directory
+            self.wandb = wandb.init(project=logging_cfg.wandb_project, name=run_name, config=config,
+                                    dir=str(self.path.parent))
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:

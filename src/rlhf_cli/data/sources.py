@@ -183,7 +183,7 @@ def load_source(data_cfg, kind: str, seed: int) -> Split:
         if src[len("memory:"):] not in _IN_MEMORY:
             raise UserError(f"data source '{src}' names rows held by another process; pass them to rlhf_cli.train")
         train, held = _split(_IN_MEMORY[src[len("memory:"):]], data_cfg.eval_fraction, seed)
-        return Split(train, held, src)
+        return _with_notes(Split(train, held, src), data_cfg)
     path = Path(src).expanduser()
     if path.exists():
         if path.is_dir():
@@ -194,13 +194,24 @@ def load_source(data_cfg, kind: str, seed: int) -> Split:
         rows_by_split = _load_hub(src, data_cfg)
     else:
         raise UserError(f"data source '{src}' is not a file, a directory, a hub dataset name or synthetic:*")
-    split = _pick_splits(rows_by_split, data_cfg, seed, src)
+    return _with_notes(_pick_splits(rows_by_split, data_cfg, seed, src), data_cfg)
+
+
+def _with_notes(split: Split, data_cfg) -> Split:
+    """Cut enormous texts before tokenization, and say so; warn of a held-out set too small to measure."""
     cap = CHARS_PER_TOKEN * data_cfg.max_length
     cut = cut_long_texts(split.train, cap) + cut_long_texts(split.eval, cap)
     if cut:
         split.notes.append(f"{cut} rows had a text over {cap:,} characters (data.max_length {data_cfg.max_length} "
                            "tokens and more); cut to their first and last half of that before tokenization")
+    if 0 < len(split.eval) < MIN_HELD_OUT:
+        split.notes.append(f"warning: only {len(split.eval)} held-out rows; eval metrics this noisy cannot tell "
+                           f"models apart (give {MIN_HELD_OUT}+: raise data.eval_fraction or add a test split)")
     return split
+
+
+# fewer held-out rows than this and a metric's standard error is about as large as the differences we report
+MIN_HELD_OUT = 20
 
 
 # a text this many characters per token of data.max_length is cut before it is tokenized: far more than

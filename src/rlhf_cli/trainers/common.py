@@ -129,6 +129,31 @@ def progress_bar(console, enabled: bool):
                     TextColumn("{task.fields[info]}"), console=console, disable=not enabled)
 
 
+class PlainLines:
+    """Progress for a log file: with no terminal (nohup, Slurm, CI) rich draws its bar only at the end,
+    so a plain line is printed every `every` steps or `seconds`, whichever comes first, and at the end."""
+
+    def __init__(self, console, name: str, total: int, state: dict, every: int, seconds: float, enabled: bool):
+        self.console, self.name, self.total, self.every, self.seconds = console, name, total, every, seconds
+        self.enabled = enabled and not console.is_terminal
+        start = state["step"]
+        self.start, self.tokens0, self.t0 = start, state["tokens"], time.perf_counter()
+        self.last_step, self.last_t = start, self.t0
+
+    def __call__(self, state: dict, loss: float, lr: float, grad_norm: float) -> None:
+        step, now = state["step"], time.perf_counter()
+        if not self.enabled or not (step - self.last_step >= self.every or now - self.last_t >= self.seconds
+                                    or step == self.total):
+            return
+        self.last_step, self.last_t = step, now
+        eta = (self.total - step) * (now - self.t0) / max(step - self.start, 1)
+        tokens_per_s = (state["tokens"] - self.tokens0) / max(now - self.t0, 1e-9)  # this process's, since start
+        self.console.print(f"{self.name} step {step}/{self.total} ({step / self.total:.0%}) loss {loss:.4f} "
+                           f"lr {lr:.2e} grad-norm {grad_norm:.3f} {tokens_per_s:.0f} tokens/s "
+                           f"ETA {int(eta) // 3600}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}",
+                           highlight=False, soft_wrap=True)
+
+
 def optimizer_step(acc, model, optimizer, scheduler, max_grad_norm: float | None, loss: float, step: int,
                    saved_step: int | None = None):
     """Stop on a non-finite loss before it reaches the weights; clip, step, zero. Returns the grad norm.

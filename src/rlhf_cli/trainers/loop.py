@@ -114,6 +114,7 @@ class _Loop:
         self.samples: list[dict] = []
         self.window = _Window(examples0=state["examples"], tokens0=state["tokens"])
         self.last_eval_step = self.last_ckpt_step = state["step"]
+        self.grad_norm = float("nan")
 
     @property
     def core(self):
@@ -130,6 +131,9 @@ class _Loop:
         if self.cfg.eval.at_start and self.state["step"] == 0:
             self.first_eval = self.evaluate(progress, 0)
         self.bar = progress.add_task(self.stage.name, total=total, completed=self.state["step"], info="")
+        lg = self.cfg.logging
+        lines = common.PlainLines(self.stage.console, self.stage.name, total, self.state, lg.print_every,
+                                  lg.print_every_seconds, distributed.is_main(self.acc))
         self.model.train()
         clock = common.LoopClock(self.state)
         while self.state["step"] < total:
@@ -137,6 +141,7 @@ class _Loop:
             w = self.window
             speed = (self.state["tokens"] - w.tokens0) / max(time.perf_counter() - w.t0, 1e-9)
             progress.update(self.bar, advance=1, info=f"loss {loss:.3f}" + (f", {speed:.0f} tokens/s" if speed else ""))
+            lines(self.state, loss, self.scheduler.get_last_lr()[0], self.grad_norm)
             forced = self.stage.after_step(self.state)
             if not self.stage.at_boundary(self.state) and not forced:
                 continue
@@ -160,6 +165,7 @@ class _Loop:
         self.state["step"] += 1
         self.window.steps += 1
         self.window.grad_norm += grad_norm
+        self.grad_norm = grad_norm
         return loss_total
 
     def log(self, forced: dict) -> None:

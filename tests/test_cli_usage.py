@@ -1,0 +1,104 @@
+"""Usage mistakes: one error style (`error: ...`, exit 2, the help to read), suggestions, --version."""
+
+import re
+
+import pytest
+from conftest import ROOT, run_cli
+
+
+def _one_error_line(r) -> str:
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2, r.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    assert "Usage:" not in r.output and "Error:" not in r.output and "Traceback" not in r.output
+    return lines[0]
+
+
+def test_version():
+    from rlhf_cli.version import __version__
+
+    r = run_cli("--version")
+    assert r.exit_code == 0 and r.output.startswith(f"rlhf-cli {__version__} (torch ")
+
+
+@pytest.mark.parametrize("args,expect", [  # (the program is "rlhf" when installed; the test runner names it otherwise)
+    (["rm"], r"no such command 'rm'; did you mean 'train-rm'\? See '\w+ --help'\.$"),
+    (["stf"], r"no such command 'stf'; did you mean 'sft'\? See '\w+ --help'\.$"),
+    (["sft", "--bogus"], r"no such option: --bogus; see '\w+ sft --help'\.$"),
+    (["eval"], r"missing option '--ckpt'; see '\w+ eval --help'\.$"),
+    (["sft", "--seed", "x"], r"invalid value for '--seed'"),
+])
+def test_usage_mistakes_are_one_sentence_in_the_one_style(args, expect):
+    line = _one_error_line(run_cli(*args))
+    assert re.search(expect, line), line
+
+
+def test_a_mistyped_set_key_is_blamed_on_set_not_the_config_file(tmp_path):
+    line = _one_error_line(run_cli("sft", "--config", str(ROOT / "stage_configs" / "tldr_sft.yaml"), "--dry-run",
+                                   "--output-dir", str(tmp_path / "o"), "--set", "train.lerning_rate=1"))
+    assert re.search(r"unknown key 'train.lerning_rate' in --set; did you mean 'train.learning_rate'", line), line
+    bad_file = tmp_path / "c.yaml"
+    bad_file.write_text("stage: sft\ntrain:\n  lerning_rate: 1\n")
+    line = _one_error_line(run_cli("sft", "--config", str(bad_file), "--dry-run", "--output-dir", str(tmp_path / "o")))
+    assert f"in {bad_file}" in line
+
+
+def test_a_held_out_set_too_small_to_measure_is_warned_about(tmp_path):
+    import json
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}", "label": f" c{i}"}) + "\n" for i in range(50)))
+    r = run_cli("sft", "--config", str(ROOT / "stage_configs" / "tldr_sft.yaml"), "--dry-run",
+                "--output-dir", str(tmp_path / "o"), "--set", f"data.source={data}")
+    flat = " ".join(r.output.replace("│", " ").split())
+    assert r.exit_code == 0 and "warning: only 2 held-out rows" in flat, r.output
+
+
+def test_a_run_logging_to_a_file_shows_progress_lines_while_it_runs(tmp_path):
+    """nohup / Slurm / CI: no terminal, so rich would draw nothing until the end; plain lines instead."""
+    import subprocess
+    import time
+
+    from conftest import MICRO, SFT_CONFIG, rlhf_cmd
+
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([*rlhf_cmd(), "sft", "--config", SFT_CONFIG, "--output-dir", str(tmp_path / "o"), *MICRO,
+                                 "--set", "train.max_steps=12", "--set", "logging.print_every=4",
+                                 "--set", "checkpoint.interval=0"], stdout=f, stderr=f)
+        seen_while_running = False
+        while proc.poll() is None:
+            seen_while_running |= "sft step 4/12" in log.read_text()
+            time.sleep(0.05)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-2000:]
+    assert seen_while_running, text
+    lines = [line for line in text.splitlines() if line.startswith("sft step ")]
+    assert [line.split()[2] for line in lines] == ["4/12", "8/12", "12/12"], text
+    assert re.search(r"loss \d+\.\d{4} lr \d\.\d\de-\d\d grad-norm \d+\.\d{3} \d+ tokens/s ETA 0:00:\d\d$", lines[0])
+
+
+def test_wandb_writes_under_the_output_dir(tmp_path, monkeypatch):
+    """W&B's run folder lands in the checkpoint (wandb/), not in the current directory."""
+    import sys
+    import types
+
+    from conftest import MICRO, SFT_CONFIG
+
+    calls = {}
+
+    def init(**kw):
+        calls.update(kw)
+        (__import__("pathlib").Path(kw["dir"]) / "wandb" / "offline-run-1").mkdir(parents=True)
+        return types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None)
+
+    import importlib.machinery
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__, fake.init = importlib.machinery.ModuleSpec("wandb", None), init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("sft", "--config", SFT_CONFIG, "--output-dir", str(tmp_path / "o"), *MICRO, "--set", "logging.wandb=true")
+    assert r.exit_code == 0, r.output
+    assert calls["dir"] == str(tmp_path / "o.partial")
+    assert (tmp_path / "o" / "wandb" / "offline-run-1").is_dir() and not (tmp_path / "wandb").exists()
