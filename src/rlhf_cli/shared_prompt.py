@@ -53,6 +53,13 @@ def split(groups: list[list[list[int]]], prompt_lens: list[int], pad_id: int) ->
     return Shared(p, pm, c, cm, k)
 
 
+def usable(model) -> bool:
+    """Whether `model` can run the prompt once and the completions on its cache. Not while it trains with
+    gradient checkpointing: transformers keeps no cache then, and a block recomputed in the backward pass
+    would append its keys to the cache a second time. The plain concatenated forward is used instead."""
+    return not any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules())
+
+
 def _prompt_pass(fwd, s: Shared, **kw):
     """The prompts' forward, filling a fresh KV cache; returns (output, cache)."""
     cache = new_cache(fwd)

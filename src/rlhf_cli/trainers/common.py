@@ -129,6 +129,23 @@ def progress_bar(console, enabled: bool):
                     TextColumn("{task.fields[info]}"), console=console, disable=not enabled)
 
 
+def checkpoint_activations(model) -> int:
+    """train.gradient_checkpointing: every transformers model inside what a stage trains (the policy under
+    a value head, a reward model's trunk) recomputes its blocks' activations in the backward pass instead
+    of keeping them. Non-reentrant: it also gives gradients when the bottom blocks are frozen. Returns how
+    many models were switched."""
+    from transformers import PreTrainedModel
+
+    switched = 0
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing and not m.is_gradient_checkpointing:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            switched += 1
+    if not switched and not any(isinstance(m, PreTrainedModel) and m.is_gradient_checkpointing for m in model.modules()):
+        raise UserError(f"train.gradient_checkpointing is on, but {type(model).__name__} does not support it")
+    return switched
+
+
 class PlainLines:
     """Progress for a log file: with no terminal (nohup, Slurm, CI) rich draws its bar only at the end,
     so a plain line is printed every `every` steps or `seconds`, whichever comes first, and at the end."""

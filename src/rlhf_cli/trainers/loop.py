@@ -50,6 +50,8 @@ def fit(stage_cls: type[Stage], cfg, out: Path, resume: bool = False, overwrite:
     if (done := rundir.already_complete(out, resume_from, stage.total_steps, console)) is not None:
         return done
     model = stage.build(acc)
+    if cfg.train.gradient_checkpointing:
+        common.checkpoint_activations(model)
     optimizer = common.make_optimizer(model, cfg.train)
     scheduler = common.make_scheduler(optimizer, cfg.train, stage.total_steps)
     model, optimizer = acc.prepare(model, optimizer)

@@ -28,7 +28,7 @@ def batch_logps(model, tok, chunk: list[dict], device,
                 share: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B,) summed logps and (B,) token counts of chosen and of rejected: the shared prompt once, then
     both completions on its keys/values (`share`), else one pass over chosen + rejected concatenated."""
-    if share:
+    if share and shared_prompt.usable(model):
         s = shared_prompt.split([[f["chosen"]["input_ids"], f["rejected"]["input_ids"]] for f in chunk],
                                 [_prompt_len(f["chosen"]) for f in chunk], tok.pad_token_id)
         if s is not None:

@@ -138,8 +138,6 @@ class SFTStage(Stage):
         }
 
     def build(self, acc):
-        if self.cfg.train.gradient_checkpointing:
-            self._model.gradient_checkpointing_enable()
         self.make_batcher([len(f["input_ids"]) for f in self.feats])
         return self._model
 

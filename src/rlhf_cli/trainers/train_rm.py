@@ -41,7 +41,7 @@ def pair_rewards(model, tok, chunk: list[dict], device, share: bool, pooled: boo
     """(B,), (B,) rewards of chosen and rejected: the shared prompt once, then both completions on its
     keys/values (`share`), else one pass over chosen + rejected. `pooled`: `model` is a PooledReward."""
     s = shared_prompt.split([[f["chosen"], f["rejected"]] for f in chunk], [f["prompt_len"] for f in chunk],
-                            tok.pad_token_id) if share else None
+                            tok.pad_token_id) if share and shared_prompt.usable(model) else None
     if s is not None:
         s = s.to(device)
         r = model(shared=s) if pooled else shared_prompt.completion_rewards(model, s)
@@ -153,8 +153,6 @@ class RewardModelStage(Stage):
         cfg, data = self.cfg, self.data
         self.frozen = frozen_block_count(self._model, cfg.freeze_fraction)
         freeze_bottom(self._model, self.frozen)
-        if cfg.train.gradient_checkpointing:
-            self._model.gradient_checkpointing_enable()
         self.make_batcher([max(len(f["chosen"]), len(f["rejected"])) for f in self.feats])
         self.manifest = {
             "parent": ck.parent_info(cfg.init_source),
