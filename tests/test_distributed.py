@@ -163,7 +163,7 @@ if os.environ.get("KILL_AFTER_STEP"):
 """
 
 
-@pytest.mark.parametrize("zero", [2, 3])
+@pytest.mark.parametrize("zero", [2, pytest.param(3, marks=pytest.mark.slow)])  # ZeRO-3: `make test-slow`
 def test_zero_resume_restores_the_optimizer_state(zero, tmp_path):
     """Killed after its first checkpoint and resumed, a ZeRO run trains on as the uninterrupted one did:
     each process's shard of Adam's moments and fp32 weights was saved (safetensors) and restored."""
