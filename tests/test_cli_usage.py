@@ -102,3 +102,35 @@ def test_wandb_writes_under_the_output_dir(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert calls["dir"] == str(tmp_path / "o.partial")
     assert (tmp_path / "o" / "wandb" / "offline-run-1").is_dir() and not (tmp_path / "wandb").exists()
+
+
+def test_the_packaged_recipes_work_from_any_directory(tmp_path, monkeypatch):
+    """`--config tldr_sft.yaml` from an empty directory finds the recipe shipped in the package, and the
+    paths inside it (a GPU preset's accelerate and DeepSpeed files) are read relative to the recipe."""
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("sft", "--config", "tldr_sft.yaml", "--dry-run", "--output-dir", "o")
+    assert r.exit_code == 0, r.output
+    assert "the packaged recipe" in r.output and "tldr_sft.yaml" in r.output
+    from pathlib import Path
+
+    from rlhf_cli.config import load_config
+
+    cfg = load_config("stage_configs/tldr_dpo.yaml", "dpo", [], "gptj")  # as `--preset gptj` reads it
+    for path in (cfg.distributed.accelerate_config, cfg.distributed.deepspeed_config):
+        assert Path(path).is_absolute() and Path(path).is_file(), path
+    r = run_cli("dpo", "--config", "tldr_dpo.yaml", "--preset", "gptj", "--dry-run", "--output-dir", "o")
+    assert r.exit_code == 0, r.output
+    line = _one_error_line(run_cli("sft", "--config", "nope.yaml"))
+    assert "config file nope.yaml does not exist (packaged recipes: hh_dpo.yaml" in line
+
+
+def test_config_show_lists_every_key_with_type_default_and_description():
+    from rlhf_cli.config import keys
+
+    assert run_cli("config", "show", "ppo").exit_code == 0
+    rows = {key: (kind, default, text) for key, kind, default, text in keys("ppo")}
+    assert rows["train.learning_rate"][0] == "float" and rows["logging.print_every"][1] == "10"
+    assert rows["distributed.deepspeed_config"][:2] == ("str | None", "null")
+    assert "Without a terminal" in rows["logging.print_every"][2]
+    assert {"ppo.init_kl_coef", "data.source", "model.name_or_path"} <= set(rows)
+    assert "unknown stage 'pop'" in _one_error_line(run_cli("config", "show", "pop"))

@@ -247,6 +247,11 @@ def _run_stage(stage: str, config, sets, preset, seed, output_dir, resume, overw
         from .checkpoint import output_lock
 
         _quiet_libraries()
+        if config is not None and not Path(config).exists():
+            from .config import find_config
+
+            if find_config(config).exists():
+                err.print(f"--config {config}: the packaged recipe {find_config(config)}", highlight=False)
         cfg, dest = api.resolve(stage, config, list(sets or []), preset, seed, output_dir)
         for key, value in fields.items():
             if value is not None:
@@ -368,6 +373,27 @@ def eval_(
             out.print(f"report: {output_dir} is up to date (same checkpoints, data and settings); nothing to do")
         else:
             out.print(f"report: {output_dir} ({', '.join(result.files)})")
+    _guard(debug, go)
+
+
+config_app = typer.Typer(help="Stage configs: what every key means.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show", epilog="Example: rlhf config show ppo")
+def config_show(stage: Annotated[str, typer.Argument(help="sft, train-rm, dpo, ppo or ilql.")], debug: DebugOpt = False):
+    """Every key of STAGE's config, with its type, default and description (set any with --set key=value)."""
+    def go():
+        from rich.table import Table
+
+        from .config import keys, recipes
+
+        table = Table(title=f"rlhf {stage}: config keys (packaged recipes: {', '.join(recipes())})")
+        for column in ("key", "type", "default", "description"):
+            table.add_column(column, overflow="fold")
+        for row in keys(stage):
+            table.add_row(*row)
+        out.print(table)
     _guard(debug, go)
 
 

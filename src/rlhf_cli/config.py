@@ -8,6 +8,7 @@ Resolution order, later wins: schema defaults < the YAML file's top-level keys <
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -302,10 +303,65 @@ CONFIGS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "train-rm": RMConfig,
 LEGACY_NAMES = {"rm": "train-rm"}  # `stage: rm` in configs written before the stage had one name
 
 
+def keys(stage: str) -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, description) of every key of `stage`'s config: `rlhf config show`."""
+    import typing
+
+    if stage not in CONFIGS:
+        raise UserError(f"unknown stage '{stage}'; choose one of {', '.join(CONFIGS)}")
+
+    def type_name(ann) -> str:
+        text = getattr(ann, "__name__", None) if typing.get_origin(ann) is None else None
+        return text or str(ann).replace("typing.", "").replace("NoneType", "None")
+
+    def walk(model: type[BaseModel], prefix: str):
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                yield from walk(ann, f"{prefix}{name}.")
+            else:
+                default = f.get_default(call_default_factory=True)
+                yield f"{prefix}{name}", type_name(ann), json.dumps(default, default=str), f.description or ""
+    return list(walk(CONFIGS[stage], ""))
+
+
 # --- loading -------------------------------------------------------------------------------------
+# the recipes ship inside the package: `--config tldr_sft.yaml` works from any directory
+RECIPES = Path(__file__).parent / "stage_configs"
+# config keys holding a file path: a relative one in a config file is read relative to that file
+PATH_KEYS = (("distributed", "accelerate_config"), ("distributed", "deepspeed_config"))
+
+
+def find_config(path: str | Path) -> Path:
+    """`path` when it exists, else the packaged recipe of that name (`tldr_sft.yaml`,
+    `stage_configs/tldr_sft.yaml`), else `path` (reading it then says it does not exist)."""
+    path = Path(path).expanduser()
+    if path.exists():
+        return path
+    for candidate in (RECIPES / path, RECIPES / path.name):
+        if candidate.is_file() and candidate.suffix in (".yaml", ".yml"):
+            return candidate
+    return path
+
+
+def recipes() -> list[str]:
+    return sorted(p.name for p in RECIPES.glob("*.yaml"))
+
+
+def _relative_to_file(tree: dict, folder: Path) -> dict:
+    """File paths of a config file (and its presets) resolved against the file's folder, when they exist there
+    and not from the current directory."""
+    for section, key in PATH_KEYS:
+        value = (tree.get(section) or {}).get(key) if isinstance(tree.get(section), dict) else None
+        if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists() \
+                and (folder / value).exists():
+            tree[section][key] = str((folder / value).resolve())
+    return tree
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.exists():
-        raise UserError(f"config file {path} does not exist")
+        raise UserError(f"config file {path} does not exist (packaged recipes: {', '.join(recipes())})")
     if not path.is_file():
         raise UserError(f"config file {path} is not a regular file; give a YAML file")
     try:
@@ -437,7 +493,8 @@ def load_config(
     dotted keys to values ({"train.learning_rate": 1e-4}, the Python API's).
     """
     stage = LEGACY_NAMES.get(stage, stage)
-    raw: dict = _read_yaml(Path(path)) if path else {}
+    path = find_config(path) if path else None
+    raw: dict = _relative_to_file(_read_yaml(path), path.parent) if path else {}
     source = str(path) if path else "the defaults"
     raw.setdefault("stage", stage)
     raw["stage"] = LEGACY_NAMES.get(raw["stage"], raw["stage"])
@@ -453,6 +510,8 @@ def load_config(
     if name not in presets and name != "tiny":
         have = ", ".join(["tiny", *[p for p in presets if p != "tiny"]])
         raise UserError(f"preset '{name}' is not defined in {source}; available: {have}")
+    if path and isinstance(presets.get(name), dict):
+        presets[name] = _relative_to_file(presets[name], path.parent)
     merged = deep_merge(raw, presets.get(name) or {})
     merged = deep_merge(merged, cli)
     merged["preset"] = name
