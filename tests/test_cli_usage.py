@@ -25,7 +25,7 @@ def test_version():
     (["rm"], r"no such command 'rm'; did you mean 'train-rm'\? See '\w+ --help'\.$"),
     (["stf"], r"no such command 'stf'; did you mean 'sft'\? See '\w+ --help'\.$"),
     (["sft", "--bogus"], r"no such option: --bogus; see '\w+ sft --help'\.$"),
-    (["eval"], r"missing option '--ckpt'; see '\w+ eval --help'\.$"),
+    (["score"], r"missing option '--data'; see '\w+ score --help'\.$"),
     (["sft", "--seed", "x"], r"invalid value for '--seed'"),
 ])
 def test_usage_mistakes_are_one_sentence_in_the_one_style(args, expect):
@@ -134,3 +134,29 @@ def test_config_show_lists_every_key_with_type_default_and_description():
     assert "Without a terminal" in rows["logging.print_every"][2]
     assert {"ppo.init_kl_coef", "data.source", "model.name_or_path"} <= set(rows)
     assert "unknown stage 'pop'" in _one_error_line(run_cli("config", "show", "pop"))
+
+
+def test_card_commands_take_the_packaged_recipe_and_the_reward_models_parent(sft_ckpt, tmp_path, monkeypatch):
+    """From a directory where earlier stages wrote runs/: no --config takes the stage's packaged recipe,
+    and `rlhf ppo --reward-ckpt runs/rm` starts from the SFT checkpoint the reward model came from."""
+    import json
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(sft_ckpt, "runs/sft")
+    r = run_cli("train-rm", "--init-from", "runs/sft", "--set", "data.synthetic.num_train=16",
+                "--set", "data.synthetic.num_eval=4", "--set", "train.batch_size=8", "--set", "train.max_steps=1",
+                "--set", "eval.at_start=false")
+    assert r.exit_code == 0, r.output
+    assert "no --config: the packaged recipe" in r.output and "tldr_rm.yaml" in r.output
+    manifest = json.loads((tmp_path / "runs" / "rm" / "rlhf_stage.json").read_text())
+    assert manifest["config"]["loss"] and manifest["parent"]["path"] == str((tmp_path / "runs" / "sft").resolve())
+    r = run_cli("ppo", "--reward-ckpt", "runs/rm", "--dry-run")
+    assert r.exit_code == 0, r.output
+    flat = " ".join(r.output.split())
+    assert "tldr_ppo.yaml" in flat and f"no --policy: {(tmp_path / 'runs' / 'sft').resolve()}, the parent of the reward model runs/rm" in flat
+    r = run_cli("eval", "--rouge", "--reward", "--num-samples", "4", "--max-new-tokens", "4")
+    assert r.exit_code == 0, r.output
+    assert "no --ckpt: runs/sft (the policies under runs/)" in r.output and "--reward: the reward model runs/rm" in r.output
+    report = json.loads((tmp_path / "runs" / "eval" / "report.json").read_text())
+    assert report["settings"]["checkpoints"] == ["runs/sft"] and report["settings"]["reward"][0] == "runs/rm"

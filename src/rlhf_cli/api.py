@@ -51,9 +51,24 @@ def resolve(stage: str, config: str | Path | None = None, overrides: list[str] |
     cfg = load_config(config, stage, overrides or [], preset)
     if seed is not None:
         cfg.seed = seed
-    dest = Path(output_dir) if output_dir else (Path(cfg.output_dir) if cfg.output_dir else Path("runs") / stage)
+    # runs/<stage> by default; the reward model's is runs/rm, the name every later command expects
+    default = Path("runs") / {"train-rm": "rm"}.get(stage, stage)
+    dest = Path(output_dir) if output_dir else (Path(cfg.output_dir) if cfg.output_dir else default)
     cfg.output_dir = str(dest)
     return cfg, dest
+
+
+def fill_defaults(cfg: StageConfig) -> list[str]:
+    """Defaults taken from the checkpoints a run is given, each said in a note: PPO without a policy
+    starts from the reward model's own parent (the SFT checkpoint it was trained from)."""
+    notes = []
+    ckpt = getattr(getattr(cfg, "reward", None), "ckpt", None)
+    if cfg.stage == "ppo" and cfg.policy is None and cfg.model.name_or_path == "tiny" and ckpt:
+        parent = ((ck.read_manifest(Path(ckpt).expanduser()) or {}).get("parent") or {}).get("path")
+        if parent and Path(parent).is_dir():
+            cfg.policy = parent
+            notes.append(f"no --policy: {parent}, the parent of the reward model {ckpt}")
+    return notes
 
 
 def plan(cfg: StageConfig, out: Path) -> dict:

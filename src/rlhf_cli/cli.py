@@ -246,13 +246,14 @@ def _run_stage(stage: str, config, sets, preset, seed, output_dir, resume, overw
         from . import api
         from .checkpoint import output_lock
 
-        _quiet_libraries()
-        if config is not None and not Path(config).exists():
-            from .config import find_config
+        from .config import default_recipe, find_config
 
-            if find_config(config).exists():
-                err.print(f"--config {config}: the packaged recipe {find_config(config)}", highlight=False)
-        cfg, dest = api.resolve(stage, config, list(sets or []), preset, seed, output_dir)
+        _quiet_libraries()
+        recipe = config if config is not None else default_recipe(stage)
+        if not Path(recipe).exists() and find_config(recipe).exists():
+            err.print(f"{'--config ' + str(config) if config else 'no --config'}: the packaged recipe "
+                      f"{find_config(recipe)} (rlhf config show {stage} lists every key)", highlight=False)
+        cfg, dest = api.resolve(stage, recipe, list(sets or []), preset, seed, output_dir)
         for key, value in fields.items():
             if value is not None:
                 value = None if value is CLEAR else value
@@ -261,6 +262,8 @@ def _run_stage(stage: str, config, sets, preset, seed, output_dir, resume, overw
                 for part in parents:
                     target = getattr(target, part)
                 setattr(target, leaf, value)
+        for note in api.fill_defaults(cfg):
+            err.print(note, highlight=False)
         if dry_run:
             return _print_plan(cfg, api.plan(cfg, dest))
         where["dir"] = dest
@@ -339,7 +342,8 @@ def ppo(config: ConfigOpt = None, policy: PolicyOpt = None, reward_ckpt: RewardC
 @app.command("eval", epilog="Example: rlhf eval --ckpt runs/sft --ckpt runs/ppo --rouge --reward --reward-ckpt runs/rm "
              "--output-dir runs/eval")
 def eval_(
-    ckpt: Annotated[list[str], typer.Option("--ckpt", help="Policy checkpoint to evaluate (repeatable).")],
+    ckpt: Annotated[list[str] | None, typer.Option("--ckpt", help="Policy checkpoint to evaluate (repeatable; "
+                                                     "default: the policies under runs/, SFT first).")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Data source of the held-out prompts (default: the first "
                                               "checkpoint's, else synthetic:tldr).")] = None,
     config: ConfigOpt = None,
@@ -360,12 +364,14 @@ def eval_(
 ):
     """Evaluate policies side by side: ROUGE, reward and Δ, gold, KL, length; report.md/json, samples, plots."""
     def go():
-        from .report import EvalRequest, run_eval, table
+        from .report import EvalRequest, fill_request, run_eval, table
         from .trainers.common import progress_bar
 
         _quiet_libraries()
-        req = EvalRequest(ckpt, data, config, rouge_, reward, reward_ckpt, reward_fn, reward_url, ref_ckpt, beta,
-                          num_samples, max_new_tokens, temperature, batch_size, seed, output_dir)
+        req = EvalRequest(list(ckpt or []), data, config, rouge_, reward, reward_ckpt, reward_fn, reward_url, ref_ckpt,
+                          beta, num_samples, max_new_tokens, temperature, batch_size, seed, output_dir)
+        for note in fill_request(req):
+            err.print(note, highlight=False)
         with progress_bar(err, True) as progress:
             result = run_eval(req, progress)
         out.print(table(result.rows, result.title))

@@ -344,6 +344,11 @@ def find_config(path: str | Path) -> Path:
     return path
 
 
+def default_recipe(stage: str) -> str:
+    """The packaged recipe a stage runs when no --config is given: the TL;DR summarisation one."""
+    return {"train-rm": "tldr_rm.yaml"}.get(stage, f"tldr_{stage}.yaml")
+
+
 def recipes() -> list[str]:
     return sorted(p.name for p in RECIPES.glob("*.yaml"))
 

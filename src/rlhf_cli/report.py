@@ -269,6 +269,33 @@ def eval_data(req: EvalRequest) -> DataConfig:
     return data_cfg
 
 
+POLICY_STAGES = ("sft", "ppo", "dpo", "ilql")  # sft first: the baseline column
+
+
+def fill_request(req: EvalRequest, runs: Path = Path("runs")) -> list[str]:
+    """What `rlhf eval` takes when not told, each said in a note: no --ckpt, the complete policy checkpoints
+    under runs/ (SFT first); --reward without a source, the reward model a checkpoint's manifest names,
+    else runs/rm."""
+    notes = []
+    if not req.ckpts:
+        found = [p for p in sorted(runs.iterdir()) if p.is_dir()] if runs.is_dir() else []
+        stage = {p: (ck.read_manifest(p) or {}).get("stage") for p in found if ck.is_complete(p)}
+        req.ckpts = [str(p) for s in POLICY_STAGES for p in found if stage.get(p) == s]
+        if not req.ckpts:
+            raise UserError(f"no --ckpt given and no complete policy checkpoint under {runs}/ (train one with rlhf sft)")
+        notes.append(f"no --ckpt: {', '.join(req.ckpts)} (the policies under {runs}/)")
+    if req.reward and not any((req.reward_ckpt, req.reward_fn, req.reward_url)):
+        named = [((ck.read_manifest(Path(c)) or {}).get("config") or {}).get("reward", {}).get("ckpt") for c in req.ckpts]
+        rm = next((n for n in named if n and Path(n).is_dir()), None)
+        rm = rm or (str(runs / "rm") if (ck.read_manifest(runs / "rm") or {}).get("stage") == "train-rm" else None)
+        if rm is None:
+            raise UserError("--reward needs --reward-ckpt, --reward-fn or --reward-url (no checkpoint names a "
+                            f"reward model, and {runs}/rm holds none)")
+        req.reward_ckpt = rm
+        notes.append(f"--reward: the reward model {rm}")
+    return notes
+
+
 def run_eval(req: EvalRequest, progress) -> EvalResult:
     """Evaluate `req.ckpts` and write the report, or reuse a report made with the same checkpoints and settings."""
     for c in req.ckpts:
