@@ -61,3 +61,15 @@ def sft_ckpt(tmp_path_factory):
     r = run_cli("sft", "--config", SFT_CONFIG, "--output-dir", str(out), *MICRO)
     assert r.exit_code == 0, r.output
     return out
+
+
+def hh_reward_model_in(folder, sft_ckpt):
+    """A tiny reward checkpoint at folder/runs/hh/rm, where the hh_ppo 1B preset expects the reward model
+    of `make hh-pipeline`: preflight (on --dry-run too) refuses a missing one."""
+    from rlhf_cli.config import TinyModelConfig
+    from rlhf_cli.models import build_tiny_reward, load_tokenizer
+
+    tok = load_tokenizer(str(sft_ckpt))
+    build_tiny_reward(TinyModelConfig(n_layer=1, n_embd=32, n_head=2), tok, 0).save_pretrained(folder / "runs" / "hh" / "rm")
+    tok.save_pretrained(folder / "runs" / "hh" / "rm")
+

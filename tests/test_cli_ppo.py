@@ -197,7 +197,11 @@ def test_a_reward_model_is_refused_as_policy(tmp_path, sft_ckpt):
 
 
 @pytest.mark.parametrize("config,presets", [("tldr_ppo.yaml", ["gptj"]), ("hh_ppo.yaml", ["125M", "1B", "6B", "20B"])])
-def test_ppo_gpu_presets_dry_run(config, presets, tmp_path):
+def test_ppo_gpu_presets_dry_run(config, presets, sft_ckpt, tmp_path, monkeypatch):
+    from conftest import hh_reward_model_in
+
+    hh_reward_model_in(tmp_path, sft_ckpt)
+    monkeypatch.chdir(tmp_path)
     for preset in presets:
         r = run_cli("ppo", "--config", str(ROOT / "stage_configs" / config), "--preset", preset, "--dry-run",
                     "--output-dir", str(tmp_path / preset))

@@ -160,3 +160,37 @@ def test_card_commands_take_the_packaged_recipe_and_the_reward_models_parent(sft
     assert "no --ckpt: runs/sft (the policies under runs/)" in r.output and "--reward: the reward model runs/rm" in r.output
     report = json.loads((tmp_path / "runs" / "eval" / "report.json").read_text())
     assert report["settings"]["checkpoints"] == ["runs/sft"] and report["settings"]["reward"][0] == "runs/rm"
+
+
+@pytest.mark.parametrize("case", ["mistyped", "missing", "not_a_model", "policy_as_reward", "hub_offline", "no_gpu"])
+def test_preflight_refuses_in_seconds_before_any_worker(case, sft_ckpt, tmp_path, monkeypatch):
+    """Each one sentence, exit 2, in seconds, before a model loads or a worker is launched; the path checks
+    hold on --dry-run too (they were accepted there, and the real run refused them minutes later)."""
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "runs" / "sft").mkdir(parents=True)
+    args, pattern, dry = {
+        "mistyped": (["dpo", "--policy", "runs/sfft"], r"--policy runs/sfft does not exist; did you mean runs/sft\?", True),
+        "missing": (["train-rm", "--init-from", str(tmp_path / "gone")], r"--init-from .*gone does not exist", True),
+        "not_a_model": (["dpo", "--policy", "runs/sft"], r"--policy runs/sft is not a model checkpoint", True),
+        "policy_as_reward": (["ppo", "--policy", str(sft_ckpt), "--reward-ckpt", str(sft_ckpt)],
+                             r"--reward-ckpt .* is a policy checkpoint, but a reward model .* is expected", True),
+        "hub_offline": (["dpo", "--policy", "someone/missing-model"],
+                        r"cannot fetch model 'someone/missing-model'.*hub is unreachable", False),
+        "no_gpu": (["ppo", "--config", "tldr_ppo.yaml", "--preset", "gptj", "--policy", str(sft_ckpt),
+                    "--reward-fn", "rlhf_cli.data.synthetic:gold_reward_fn"],
+                   r"preset 'gptj' launches 8 GPU processes .* but this machine has 0 GPUs", False),
+    }[case]
+    if case == "no_gpu" and __import__("torch").cuda.device_count() >= 8:
+        pytest.skip("this machine has the GPUs")
+    start = time.perf_counter()
+    r = run_cli(*args, *(["--dry-run"] if dry else []))
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    line = lines[-1]  # before it at most the notes of what was defaulted (the packaged recipe)
+    assert [x for x in lines if x.startswith("error:")] == [line], r.output
+    assert re.search(pattern, line), line
+    assert time.perf_counter() - start < 10 and "launching" not in r.output
+    assert not (tmp_path / "runs" / args[0]).exists()

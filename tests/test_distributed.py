@@ -85,9 +85,12 @@ def test_ppo_under_zero_with_two_processes(zero, sft_ckpt, tmp_path):
     assert subprocess.run([sys.executable, "-c", code, str(out)]).returncode == 0
 
 
-def test_every_gpu_preset_dry_runs_with_a_memory_estimate(tmp_path):
+def test_every_gpu_preset_dry_runs_with_a_memory_estimate(sft_ckpt, tmp_path, monkeypatch):
     import yaml
-    from conftest import run_cli
+    from conftest import hh_reward_model_in, run_cli
+
+    hh_reward_model_in(tmp_path, sft_ckpt)
+    monkeypatch.chdir(tmp_path)
 
     checked = 0
     for path in sorted((ROOT / "stage_configs").glob("*.yaml")):

@@ -224,6 +224,8 @@ def _relaunch(d) -> bool:
         if not Path(d.accelerate_config).is_file():
             raise UserError(f"distributed.accelerate_config {d.accelerate_config} does not exist")
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", d.accelerate_config]
+        if d.deepspeed_config:  # the stage config's (read relative to it), not the launch file's own relative path
+            launcher += ["--deepspeed_config_file", str(Path(d.deepspeed_config).resolve())]
     else:
         launcher = [sys.executable, "-m", "rlhf_cli.launch", "--standalone", "--nproc_per_node", str(d.num_processes)]
         # torchrun would set 1 thread per process and print a banner saying so; share the cores instead
@@ -243,7 +245,7 @@ def _run_stage(stage: str, config, sets, preset, seed, output_dir, resume, overw
     where: dict = {}
 
     def go():
-        from . import api
+        from . import api, preflight
         from .checkpoint import output_lock
 
         from .config import default_recipe, find_config
@@ -252,7 +254,8 @@ def _run_stage(stage: str, config, sets, preset, seed, output_dir, resume, overw
         recipe = config if config is not None else default_recipe(stage)
         if not Path(recipe).exists() and find_config(recipe).exists():
             err.print(f"{'--config ' + str(config) if config else 'no --config'}: the packaged recipe "
-                      f"{find_config(recipe)} (rlhf config show {stage} lists every key)", highlight=False)
+                      f"{find_config(recipe)} (rlhf config show {stage} lists every key)", highlight=False,
+                      soft_wrap=True)
         cfg, dest = api.resolve(stage, recipe, list(sets or []), preset, seed, output_dir)
         for key, value in fields.items():
             if value is not None:
@@ -263,7 +266,8 @@ def _run_stage(stage: str, config, sets, preset, seed, output_dir, resume, overw
                     target = getattr(target, part)
                 setattr(target, leaf, value)
         for note in api.fill_defaults(cfg):
-            err.print(note, highlight=False)
+            err.print(note, highlight=False, soft_wrap=True)
+        preflight.check(cfg, dry_run)  # seconds, before any model loads or worker starts
         if dry_run:
             return _print_plan(cfg, api.plan(cfg, dest))
         where["dir"] = dest
@@ -371,7 +375,7 @@ def eval_(
         req = EvalRequest(list(ckpt or []), data, config, rouge_, reward, reward_ckpt, reward_fn, reward_url, ref_ckpt,
                           beta, num_samples, max_new_tokens, temperature, batch_size, seed, output_dir)
         for note in fill_request(req):
-            err.print(note, highlight=False)
+            err.print(note, highlight=False, soft_wrap=True)
         with progress_bar(err, True) as progress:
             result = run_eval(req, progress)
         out.print(table(result.rows, result.title))

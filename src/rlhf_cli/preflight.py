@@ -1,0 +1,94 @@
+"""Checks that take seconds and run before any model is loaded or worker spawned, on `--dry-run` too:
+every checkpoint a run is given exists and is of the right kind, a hub name is cached or reachable,
+and the GPUs a launch config asks for are there. Each problem is one sentence (a UserError)."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+from .hub import hub_error, hub_reachable
+from .models import expect_kind
+
+
+def model_sources(cfg) -> list[tuple[str, str, str | None]]:
+    """(flag, name or path, the kind of checkpoint it must be) of every model a stage starts from."""
+    stage = cfg.stage
+    found: list[tuple[str, str, str | None]] = []
+    if stage == "sft":
+        found.append(("model.name_or_path", cfg.model.name_or_path, "policy"))
+    elif stage == "train-rm":
+        found.append(("--init-from", cfg.init_source, None))  # a policy or an earlier reward model
+    else:
+        found.append(("--policy", cfg.policy_source, "policy"))
+    reward = getattr(cfg, "reward", None)
+    if reward is not None and reward.ckpt:
+        found.append(("--reward-ckpt", reward.ckpt, "reward"))
+    return [(flag, name, kind) for flag, name, kind in found if name and name != "tiny"]
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub `org/name`: absolute, relative with ./ or ~, deeper than one slash, or
+    under a folder that exists here (`runs/sfft` when runs/ exists)."""
+    return (name.startswith((".", "/", "~")) or name.count("/") != 1
+            or Path(name.split("/")[0]).expanduser().is_dir())
+
+
+def _suggest(path: Path) -> str:
+    parent = path.parent if str(path.parent) else Path(".")
+    names = [p.name for p in parent.iterdir()] if parent.is_dir() else []
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    return f"; did you mean {parent / close[0]}?" if close else ""
+
+
+def _cached(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:
+        return False
+
+
+def check_models(cfg, online: bool) -> None:
+    """Local checkpoints exist and are of the right kind; with `online`, a hub name not in the cache
+    needs a reachable hub (a dry run only says it would be fetched)."""
+    for flag, name, kind in model_sources(cfg):
+        path = Path(name).expanduser()
+        if path.exists():
+            if kind is not None:
+                expect_kind(path, kind, flag)
+            elif not (path / "config.json").exists():
+                raise UserError(f"{flag} {name} is not a model checkpoint (no config.json)")
+        elif _looks_local(name):
+            raise UserError(f"{flag} {name} does not exist{_suggest(path)}")
+        elif online and not _cached(name) and not hub_reachable():
+            raise hub_error("model", name)
+
+
+def check_devices(cfg) -> None:
+    """A launch config that asks for GPU processes on a machine with fewer GPUs stops here, not after
+    every worker has started and failed."""
+    import torch
+
+    acc_cfg = cfg.distributed.accelerate_config
+    if not acc_cfg or not Path(acc_cfg).is_file():
+        return
+    try:
+        launch = yaml.safe_load(Path(acc_cfg).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return  # the launcher names the problem with the file itself
+    wanted = int(launch.get("num_processes") or 1) if isinstance(launch, dict) else 1
+    have = torch.cuda.device_count()
+    if isinstance(launch, dict) and not launch.get("use_cpu", False) and have < wanted:
+        raise UserError(f"preset '{cfg.preset}' launches {wanted} GPU processes ({acc_cfg}), but this machine "
+                        f"has {have} GPU{'s' if have != 1 else ''}; choose the tiny preset or another machine")
+
+
+def check(cfg, dry_run: bool = False) -> None:
+    check_models(cfg, online=not dry_run)
+    if not dry_run:
+        check_devices(cfg)
