@@ -194,3 +194,19 @@ def test_preflight_refuses_in_seconds_before_any_worker(case, sft_ckpt, tmp_path
     assert re.search(pattern, line), line
     assert time.perf_counter() - start < 10 and "launching" not in r.output
     assert not (tmp_path / "runs" / args[0]).exists()
+
+
+def test_trl_style_model_and_data_shortcuts(sft_ckpt, tmp_path, shared_data):
+    import json
+
+    data = shared_data / "tldr" / "tldr_sft_carper_format.jsonl"
+    r = run_cli("dpo", "--model", str(sft_ckpt), "--data", "synthetic:tldr", "--dry-run", "--output-dir", str(tmp_path / "d"))
+    assert r.exit_code == 0, r.output
+    r = run_cli("sft", "--model", str(sft_ckpt), "--data", str(data), "--output-dir", str(tmp_path / "s"),
+                "--set", "train.max_steps=1", "--set", "eval.num_samples=2", "--set", "eval.at_start=false",
+                "--set", "eval.generation.max_new_tokens=2", "--set", "data.max_length=64", "--set", "data.max_prompt_length=48", "--set", "train.batch_size=2")
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "s" / "rlhf_stage.json").read_text())
+    assert m["config"]["model"]["name_or_path"] == str(sft_ckpt) and m["config"]["data"]["source"] == str(data)
+    line = _one_error_line(run_cli("train-rm", "--model", str(sft_ckpt), "--init-from", "runs/x", "--dry-run"))
+    assert "--model and --init-from both name the model to start from" in line

@@ -98,6 +98,10 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an exis
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Validate config, data and model; print the plan; train nothing.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Override the config's seed.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="TRL-style shortcut: the model to start from (sft: "
+                                              "model.name_or_path; train-rm: --init-from; dpo, ppo, ilql: --policy).")]
+DataOpt = Annotated[str | None, typer.Option("--data", help="TRL-style shortcut for --set data.source=...: a file, "
+                                             "folder, hub dataset or synthetic:tldr|hh|reviews.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub to run (only for "
                                         "models you trust); off unless given.")]
 
@@ -239,10 +243,34 @@ def _relaunch(d) -> bool:
 CLEAR = object()  # a stage flag value meaning "set this config key to null"
 
 
+def _shortcuts(stage: str, model: str | None, data: str | None, fields: dict) -> dict:
+    """TRL's flags: --model (where the stage starts: sft's model, the reward model's --init-from, a
+    policy stage's --policy) and --data (data.source), as the stage's own fields."""
+    if model is not None:
+        key, flag = {"sft": ("model__name_or_path", None), "train-rm": ("init_from", "--init-from")}.get(
+            stage, ("policy", "--policy"))
+        if flag and fields.get(key) not in (None, model):
+            _fail(f"--model and {flag} both name the model to start from; give one of them")
+        fields = {**fields, key: model}
+    return {**fields, "data__source": data} if data is not None else fields
+
+
+def _set_fields(cfg, fields: dict) -> None:
+    """The stage's own flags over the resolved config: reward__ckpt -> cfg.reward.ckpt; CLEAR -> null."""
+    for key, value in fields.items():
+        if value is not None:
+            *parents, leaf = key.split("__")
+            target = cfg
+            for part in parents:
+                target = getattr(target, part)
+            setattr(target, leaf, None if value is CLEAR else value)
+
+
 def _run_stage(stage: str, config, sets, preset, seed, output_dir, resume, overwrite, dry_run, debug,
-               **fields) -> None:
+               model=None, data=None, **fields) -> None:
     """Resolve the stage config, set the stage's own flags (`fields`), then plan or train."""
     where: dict = {}
+    fields = _shortcuts(stage, model, data, fields)
 
     def go():
         from . import api, preflight
@@ -257,14 +285,7 @@ def _run_stage(stage: str, config, sets, preset, seed, output_dir, resume, overw
                       f"{find_config(recipe)} (rlhf config show {stage} lists every key)", highlight=False,
                       soft_wrap=True)
         cfg, dest = api.resolve(stage, recipe, list(sets or []), preset, seed, output_dir)
-        for key, value in fields.items():
-            if value is not None:
-                value = None if value is CLEAR else value
-                *parents, leaf = key.split("__")  # reward__ckpt -> cfg.reward.ckpt
-                target = cfg
-                for part in parents:
-                    target = getattr(target, part)
-                setattr(target, leaf, value)
+        _set_fields(cfg, fields)
         for note in api.fill_defaults(cfg):
             err.print(note, highlight=False, soft_wrap=True)
         preflight.check(cfg, dry_run)  # seconds, before any model loads or worker starts
@@ -280,11 +301,11 @@ def _run_stage(stage: str, config, sets, preset, seed, output_dir, resume, overw
 
 @app.command(epilog="Example: rlhf sft --config stage_configs/tldr_sft.yaml --output-dir runs/sft "
              "--set train.max_steps=50")
-def sft(config: ConfigOpt = None, set_: SetOpt = None, preset: PresetOpt = None, output_dir: OutOpt = None,
+def sft(config: ConfigOpt = None, model: ModelOpt = None, data: DataOpt = None, set_: SetOpt = None, preset: PresetOpt = None, output_dir: OutOpt = None,
         resume: ResumeOpt = False, overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False,
         seed: SeedOpt = None, trust_remote_code: TrustOpt = False, debug: DebugOpt = False):
     """Supervised fine-tuning of a causal LM on prompt/completion (or plain text) data."""
-    _run_stage("sft", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
+    _run_stage("sft", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug, model, data,
                model__trust_remote_code=trust_remote_code or None)
 
 
@@ -293,11 +314,12 @@ InitOpt = Annotated[str | None, typer.Option("--init-from", help="Start from thi
 
 @app.command("train-rm", epilog="Example: rlhf train-rm --config stage_configs/tldr_rm.yaml --init-from runs/sft "
              "--output-dir runs/rm")
-def train_rm(config: ConfigOpt = None, init_from: InitOpt = None, set_: SetOpt = None, preset: PresetOpt = None,
+def train_rm(config: ConfigOpt = None, init_from: InitOpt = None, model: ModelOpt = None, data: DataOpt = None,
+             set_: SetOpt = None, preset: PresetOpt = None,
              output_dir: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
              dry_run: DryRunOpt = False, seed: SeedOpt = None, trust_remote_code: TrustOpt = False, debug: DebugOpt = False):
     """Train a reward model (scalar head, Bradley-Terry loss) on preference pairs."""
-    _run_stage("train-rm", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
+    _run_stage("train-rm", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug, model, data,
                init_from=init_from, model__trust_remote_code=trust_remote_code or None)
 
 
@@ -305,20 +327,22 @@ PolicyOpt = Annotated[str | None, typer.Option("--policy", help="Policy checkpoi
 
 
 @app.command(epilog="Example: rlhf dpo --config stage_configs/tldr_dpo.yaml --policy runs/sft --output-dir runs/dpo")
-def dpo(config: ConfigOpt = None, policy: PolicyOpt = None, set_: SetOpt = None, preset: PresetOpt = None,
+def dpo(config: ConfigOpt = None, policy: PolicyOpt = None, model: ModelOpt = None, data: DataOpt = None,
+        set_: SetOpt = None, preset: PresetOpt = None,
         output_dir: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
         dry_run: DryRunOpt = False, seed: SeedOpt = None, trust_remote_code: TrustOpt = False, debug: DebugOpt = False):
     """Direct preference optimisation of a policy on preference pairs (no reward model)."""
-    _run_stage("dpo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
+    _run_stage("dpo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug, model, data,
                policy=policy, model__trust_remote_code=trust_remote_code or None)
 
 
 @app.command(epilog="Example: rlhf ilql --config stage_configs/tldr_ilql.yaml --policy runs/sft --output-dir runs/ilql")
-def ilql(config: ConfigOpt = None, policy: PolicyOpt = None, set_: SetOpt = None, preset: PresetOpt = None,
+def ilql(config: ConfigOpt = None, policy: PolicyOpt = None, model: ModelOpt = None, data: DataOpt = None,
+        set_: SetOpt = None, preset: PresetOpt = None,
          output_dir: OutOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
          dry_run: DryRunOpt = False, seed: SeedOpt = None, trust_remote_code: TrustOpt = False, debug: DebugOpt = False):
     """Offline RL with ILQL: Q/V heads learned from rewarded samples steer generation."""
-    _run_stage("ilql", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
+    _run_stage("ilql", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug, model, data,
                policy=policy, model__trust_remote_code=trust_remote_code or None)
 
 
@@ -329,7 +353,8 @@ RewardUrlOpt = Annotated[str | None, typer.Option("--reward-url", help="HTTP rew
 
 @app.command(epilog="Example: rlhf ppo --config stage_configs/tldr_ppo.yaml --policy runs/sft --reward-ckpt runs/rm "
              "--output-dir runs/ppo")
-def ppo(config: ConfigOpt = None, policy: PolicyOpt = None, reward_ckpt: RewardCkptOpt = None,
+def ppo(config: ConfigOpt = None, policy: PolicyOpt = None, model: ModelOpt = None, data: DataOpt = None,
+        reward_ckpt: RewardCkptOpt = None,
         reward_fn: RewardFnOpt = None, reward_url: RewardUrlOpt = None,
         delta: Annotated[bool | None, typer.Option("--delta/--no-delta", help="Reward minus the reference completion's reward.")] = None,
         set_: SetOpt = None, preset: PresetOpt = None, output_dir: OutOpt = None, resume: ResumeOpt = False,
@@ -339,7 +364,7 @@ def ppo(config: ConfigOpt = None, policy: PolicyOpt = None, reward_ckpt: RewardC
     # a reward flag replaces the config's reward source rather than adding a second one
     reward = {f"reward__{k}": v or CLEAR for k, v in (("ckpt", reward_ckpt), ("fn", reward_fn), ("url", reward_url),
                                                     ("classifier", None))} if given else {}
-    _run_stage("ppo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug,
+    _run_stage("ppo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug, model, data,
                policy=policy, reward__delta=delta, **reward, model__trust_remote_code=trust_remote_code or None)
 
 
