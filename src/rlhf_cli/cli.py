@@ -236,8 +236,13 @@ def _relaunch(d) -> bool:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // d.num_processes)))
     err.print(f"launching {d.num_processes if not d.accelerate_config else 'the configured'} processes: "
               f"{' '.join(launcher[2:])}")
-    code = subprocess.run([*launcher, "-m", "rlhf_cli.cli", *sys.argv[1:]]).returncode
-    raise typer.Exit(code)
+    proc = subprocess.Popen([*launcher, "-m", "rlhf_cli.cli", *sys.argv[1:]])
+
+    def forward(signum, frame):  # the launcher passes it on to every worker: each saves, then exits
+        proc.send_signal(signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    raise typer.Exit(proc.wait())
 
 
 CLEAR = object()  # a stage flag value meaning "set this config key to null"

@@ -8,15 +8,20 @@ import sys
 
 
 def main() -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # no per-failure log lines
+    # no per-failure or per-signal log lines: torch sets each elastic module's logger level itself
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(get_args_parser().parse_args(sys.argv[1:]))
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})
         sys.exit(next((c for c in codes if c > 0), 1))
+    except SignalException:  # SIGINT / SIGTERM: the workers got it too, saved a checkpoint and stopped
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ class StopFlag:
         if not self.armed or self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("stopping: a checkpoint is written after the current step (interrupt again to abort at once)",
-              file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # every process got the signal; one says so
+            print("stopping: a checkpoint is written after the current step (interrupt again to abort at once)",
+                  file=sys.stderr, flush=True)
 
 
 STOP = StopFlag()
