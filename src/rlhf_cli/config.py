@@ -70,11 +70,11 @@ class DataConfig(Section):
         None, description="Held-out split; default: the 'test'/'valid' split if present, else eval_fraction."
     )
     eval_fraction: float = Field(0.05, gt=0, lt=1, description="Held-out share when no eval split exists.")
-    format: Literal["auto", "tldr", "comparisons", "hh", "text", "rewarded", "prompt"] = Field(
+    format: Literal["auto", "tldr", "comparisons", "hh", "text", "rewarded", "completion", "prompt"] = Field(
         "auto",
         description="tldr (prompt, label) | comparisons (prompt, chosen, rejected) | hh (chosen/rejected "
-        "dialogues) | text (one column trained whole) | rewarded (prompt, completion, reward: ILQL) | prompt "
-        "(prompts only: PPO); auto picks from the columns.",
+        "dialogues) | text (one column trained whole) | rewarded (prompt, completion, reward: ILQL) | completion "
+        "(prompt, completion: TRL's prompt-completion) | prompt (prompts only: PPO); auto picks from the columns.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename columns to the schema's names, e.g. {prompt: post}."

@@ -80,3 +80,14 @@ def test_pairs_keep_an_empty_preferred_reply_and_drop_identical_ones():
     pairs, malformed, equal = pair_examples(rows, "hh")
     assert (len(pairs), malformed, equal) == (1, 1, 1)
     assert pairs[0].prompt == "\n\nHuman: how to steal?\n\nAssistant:" and pairs[0].chosen == " "
+
+
+def test_trls_prompt_completion_rows_are_detected_and_trained_on_the_completion():
+    """TRL's standard prompt-completion format needs no column map (it was refused as prompts only)."""
+    from rlhf_cli.data.formats import detect_format
+
+    assert detect_format({"prompt", "completion"}) == "completion"
+    assert detect_format({"prompt", "completion", "reward"}) == "rewarded"  # ILQL's, still first
+    ex, dropped = sft_examples([{"prompt": "Q: 2+2?", "completion": " 4"}, {"prompt": "Q", "completion": " "}],
+                               "completion")
+    assert [(e.prompt, e.completion) for e in ex] == [("Q: 2+2?", " 4")] and dropped == 1

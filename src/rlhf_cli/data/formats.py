@@ -6,6 +6,7 @@ Schemas (after `data.columns` renaming):
     hh           {chosen: "\\n\\nHuman: ..\\n\\nAssistant: ..", rejected}   Anthropic/hh-rlhf
     text         {text}                                              trained whole
     rewarded     {prompt, completion, reward}                        offline RL (ILQL)
+    completion   {prompt, completion}                                TRL's prompt-completion (standard)
     prompt       {prompt}                                            prompts only (online RL)
 """
 
@@ -22,6 +23,7 @@ REQUIRED = {
     "hh": ("chosen", "rejected"),
     "text": ("text",),
     "rewarded": ("prompt", "completion", "reward"),
+    "completion": ("prompt", "completion"),
     "prompt": ("prompt",),
 }
 
@@ -87,7 +89,7 @@ def rename_columns(rows: list[dict], columns: dict[str, str]) -> list[dict]:
 
 
 def detect_format(columns: set[str]) -> str | None:
-    for fmt in ("comparisons", "rewarded", "tldr", "hh", "text", "prompt"):
+    for fmt in ("comparisons", "rewarded", "tldr", "completion", "hh", "text", "prompt"):
         if set(REQUIRED[fmt]) <= columns:
             return fmt
     return None
@@ -134,7 +136,7 @@ def sft_examples(rows: list[dict], fmt: str) -> tuple[list[SFTExample], int]:
                 prompt, completion = row["prompt"], row["chosen"]
             elif fmt == "hh":
                 prompt, completion = split_hh(row["chosen"])
-            elif fmt == "rewarded":
+            elif fmt in ("rewarded", "completion"):
                 prompt, completion = row["prompt"], row["completion"]
             elif fmt == "prompt":  # no completion: online RL samples its own
                 prompt, completion = row["prompt"], ""
