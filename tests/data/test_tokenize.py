@@ -91,3 +91,20 @@ def test_trls_prompt_completion_rows_are_detected_and_trained_on_the_completion(
     ex, dropped = sft_examples([{"prompt": "Q: 2+2?", "completion": " 4"}, {"prompt": "Q", "completion": " "}],
                                "completion")
     assert [(e.prompt, e.completion) for e in ex] == [("Q: 2+2?", " 4")] and dropped == 1
+
+
+def test_a_malformed_preference_row_is_explained_not_just_counted(tmp_path):
+    """All rows conversational (TRL's format, not read yet; one of the 8 is held out): the error says what is
+    wrong with which row, not only how many."""
+    import json
+
+    from conftest import ROOT, run_cli
+
+    p = tmp_path / "pairs.jsonl"
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    p.write_text("".join(json.dumps({"prompt": "x", "chosen": turn, "rejected": turn}) + "\n" for _ in range(8)))
+    r = run_cli("train-rm", "--config", str(ROOT / "stage_configs" / "tldr_rm.yaml"), "--dry-run",
+                "--output-dir", str(tmp_path / "o"), "--set", f"data.source={p}")
+    assert r.exit_code == 2, r.output
+    assert ("has no usable pairs (7 malformed, 0 with chosen == rejected); e.g. training row 0: 'chosen' is a "
+            "conversation (a list of messages), which is not read yet; give text") in " ".join(r.output.split())

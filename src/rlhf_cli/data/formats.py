@@ -80,6 +80,19 @@ def pair_examples(rows: list[dict], fmt: str) -> tuple[list[PairExample], int, i
     return out, malformed, equal
 
 
+def why_malformed(row: dict, fmt: str) -> str | None:
+    """What is wrong with a preference row that `pair_examples` drops as malformed, in words; None if nothing."""
+    for col in REQUIRED[fmt]:
+        value = row.get(col)
+        if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
+            return f"'{col}' is a conversation (a list of messages), which is not read yet; give text"
+        if not isinstance(value, str):
+            return f"'{col}' is {type(value).__name__}, not text"
+    if fmt == "hh" and any(ASSISTANT not in row[c] for c in ("chosen", "rejected")):
+        return "a dialogue has no '\\n\\nAssistant:' turn to split the prompt from the reply"
+    return None
+
+
 def rename_columns(rows: list[dict], columns: dict[str, str]) -> list[dict]:
     """Apply `data.columns` ({schema_name: column_in_file}) to every row."""
     if not columns:

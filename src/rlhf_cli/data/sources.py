@@ -263,9 +263,13 @@ def load_pair_data(cfg, stage: str) -> PairData:
     held, bad_e, equal_e = formats.pair_examples(split.eval, fmt)
     if cfg.data.max_examples:
         train = train[: cfg.data.max_examples]
+    reason = next(((i, r) for i, row in enumerate(split.train) if (r := formats.why_malformed(row, fmt))), None)
+    example = f"; e.g. training row {reason[0]}: {reason[1]}" if reason else ""
     if not train:
         raise UserError(f"dataset '{cfg.data.source}' has no usable pairs ({bad} malformed, {equal} with "
-                        "chosen == rejected)")
+                        f"chosen == rejected){example}")
+    if bad + bad_e:
+        split.notes.append(f"dropped {bad + bad_e} malformed pairs{example}")
     return PairData(train, held, fmt, split.fingerprint(), bad + bad_e, equal + equal_e, split.notes)
 
 
