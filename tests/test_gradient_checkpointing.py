@@ -95,8 +95,24 @@ def test_the_shared_prompt_path_under_checkpointing_equals_the_plain_forward():
     pad = type("Tok", (), {"pad_token_id": 0})
     plain = batch_logps(model, pad, chunk, "cpu", share=False)
     shared = batch_logps(model, pad, chunk, "cpu", share=True)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from rlhf_cli.trainers.common import checkpoint_activations
+
+    checkpoint_activations(model)
     checkpointed = batch_logps(model, pad, chunk, "cpu", share=True)
     for a, b, c in zip(plain, shared, checkpointed):
         torch.testing.assert_close(b, a)
         torch.testing.assert_close(c, a)
+
+
+def test_switching_it_on_prints_no_deprecation_warning():
+    import warnings
+
+    import transformers
+
+    from rlhf_cli.trainers.common import checkpoint_activations
+
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers 5.24 deprecates gradient_checkpointing_enable
+        assert checkpoint_activations(model) == 1
+    assert model.transformer.gradient_checkpointing

@@ -306,7 +306,8 @@ def _run_stage(stage: str, config, sets, preset, seed, output_dir, resume, overw
 
 @app.command(epilog="Example: rlhf sft --config stage_configs/tldr_sft.yaml --output-dir runs/sft "
              "--set train.max_steps=50")
-def sft(config: ConfigOpt = None, model: ModelOpt = None, data: DataOpt = None, set_: SetOpt = None, preset: PresetOpt = None, output_dir: OutOpt = None,
+def sft(config: ConfigOpt = None, model: ModelOpt = None, data: DataOpt = None, set_: SetOpt = None,
+        preset: PresetOpt = None, output_dir: OutOpt = None,
         resume: ResumeOpt = False, overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False,
         seed: SeedOpt = None, trust_remote_code: TrustOpt = False, debug: DebugOpt = False):
     """Supervised fine-tuning of a causal LM on prompt/completion (or plain text) data."""

@@ -143,7 +143,8 @@ class Run:
             self.logger.close()
             with ck.atomic_dir(self.out) as tmp:
                 # extra directories: PPO's best/, TensorBoard's tb/, W&B's wandb/
-                for name, src in {**(extra_dirs or {}), "tb": self.partial / "tb", "wandb": self.partial / "wandb"}.items():
+                logs = {"tb": self.partial / "tb", "wandb": self.partial / "wandb"}
+                for name, src in {**(extra_dirs or {}), **logs}.items():
                     if src.exists():
                         shutil.copytree(src, tmp / name)
                 self._write(tmp, model, tokenizer, optimizer, scheduler, progress, "complete", manifest,
