@@ -162,7 +162,8 @@ def test_card_commands_take_the_packaged_recipe_and_the_reward_models_parent(sft
     assert report["settings"]["checkpoints"] == ["runs/sft"] and report["settings"]["reward"][0] == "runs/rm"
 
 
-@pytest.mark.parametrize("case", ["mistyped", "missing", "not_a_model", "policy_as_reward", "hub_offline", "no_gpu"])
+@pytest.mark.parametrize("case", ["mistyped", "missing", "not_a_model", "policy_as_reward", "hub_offline",
+                                  "bare_hub_name", "no_gpu"])
 def test_preflight_refuses_in_seconds_before_any_worker(case, sft_ckpt, tmp_path, monkeypatch):
     """Each one sentence, exit 2, in seconds, before a model loads or a worker is launched; the path checks
     hold on --dry-run too (they were accepted there, and the real run refused them minutes later)."""
@@ -179,6 +180,8 @@ def test_preflight_refuses_in_seconds_before_any_worker(case, sft_ckpt, tmp_path
                              r"--reward-ckpt .* is a policy checkpoint, but a reward model .* is expected", True),
         "hub_offline": (["dpo", "--policy", "someone/missing-model"],
                         r"cannot fetch model 'someone/missing-model'.*hub is unreachable", False),
+        # a bare hub name (gpt2) is a hub name, not a missing folder
+        "bare_hub_name": (["dpo", "--policy", "gpt2"], r"cannot fetch model 'gpt2'.*hub is unreachable", False),
         "no_gpu": (["ppo", "--config", "tldr_ppo.yaml", "--preset", "gptj", "--policy", str(sft_ckpt),
                     "--reward-fn", "rlhf_cli.data.synthetic:gold_reward_fn"],
                    r"preset 'gptj' launches 8 GPU processes .* but this machine has 0 GPUs", False),

@@ -31,10 +31,10 @@ def model_sources(cfg) -> list[tuple[str, str, str | None]]:
 
 
 def _looks_local(name: str) -> bool:
-    """A path rather than a hub `org/name`: absolute, relative with ./ or ~, deeper than one slash, or
-    under a folder that exists here (`runs/sfft` when runs/ exists)."""
-    return (name.startswith((".", "/", "~")) or name.count("/") != 1
-            or Path(name.split("/")[0]).expanduser().is_dir())
+    """A path rather than a hub name (`org/name`, or an old bare one like `gpt2`): absolute, relative with
+    ./ or ~, deeper than one slash, or under a folder that exists here (`runs/sfft` when runs/ exists)."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1
+            or ("/" in name and Path(name.split("/")[0]).expanduser().is_dir()))
 
 
 def _suggest(path: Path) -> str:
