@@ -54,6 +54,19 @@ def assert_one_sentence(result, pattern):
     assert re.search(pattern, text), text
 
 
+def assert_planned_then_refused_here(result):
+    """A GPU preset's --dry-run on this machine: the plan is printed, then one sentence says why this
+    machine cannot run it (no GPUs for the launch config, or a hub model while offline), exit 2."""
+    import re
+
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert "optimizer_steps" in result.output and "Traceback" not in result.output, result.output
+    if result.exit_code == 0:  # a machine with the GPUs and the hub (not CI)
+        return
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert re.search(r"launches \d+ GPU processes|hub is unreachable", errors[0]), errors[0]
+
+
 @pytest.fixture(scope="session")
 def sft_ckpt(tmp_path_factory):
     """A micro SFT checkpoint that the later stages start from."""
@@ -64,12 +77,14 @@ def sft_ckpt(tmp_path_factory):
 
 
 def hh_reward_model_in(folder, sft_ckpt):
-    """A tiny reward checkpoint at folder/runs/hh/rm, where the hh_ppo 1B preset expects the reward model
-    of `make hh-pipeline`: preflight (on --dry-run too) refuses a missing one."""
+    """Tiny reward checkpoints at folder/runs/hh/rm and runs/chat/rm, where the hh_ppo and chat_ppo GPU presets
+    expect the reward model of the earlier stage: preflight (on --dry-run too) refuses a missing one."""
     from rlhf_cli.config import TinyModelConfig
     from rlhf_cli.models import build_tiny_reward, load_tokenizer
 
     tok = load_tokenizer(str(sft_ckpt))
-    build_tiny_reward(TinyModelConfig(n_layer=1, n_embd=32, n_head=2), tok, 0).save_pretrained(folder / "runs" / "hh" / "rm")
-    tok.save_pretrained(folder / "runs" / "hh" / "rm")
+    for recipe in ("hh", "chat"):
+        rm = build_tiny_reward(TinyModelConfig(n_layer=1, n_embd=32, n_head=2), tok, 0)
+        rm.save_pretrained(folder / "runs" / recipe / "rm")
+        tok.save_pretrained(folder / "runs" / recipe / "rm")
 

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import ROOT, assert_one_sentence, run_cli
+from conftest import ROOT, assert_one_sentence, run_cli, assert_planned_then_refused_here
 
 DPO_CONFIG = str(ROOT / "stage_configs" / "tldr_dpo.yaml")
 DPO_MICRO = ["--set", "data.synthetic.num_train=48", "--set", "data.synthetic.num_eval=16", "--set", "train.batch_size=8",
@@ -83,8 +83,8 @@ def test_dpo_gpu_presets_dry_run(config, presets, tmp_path):
     for preset in presets:
         r = run_cli("dpo", "--config", str(ROOT / "stage_configs" / config), "--preset", preset,
                     "--output-dir", str(tmp_path / preset), "--dry-run")
-        assert r.exit_code == 0, r.output
         assert "would fetch" in r.output
+        assert_planned_then_refused_here(r)
 
 
 @pytest.mark.parametrize("stage", ["train-rm", "dpo"])

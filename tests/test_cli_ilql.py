@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, assert_one_sentence, run_cli
+from conftest import ROOT, assert_one_sentence, run_cli, assert_planned_then_refused_here
 
 ILQL_CONFIG = str(ROOT / "stage_configs" / "tldr_ilql.yaml")
 ILQL_MICRO = ["--set", "data.synthetic.num_train=48", "--set", "data.synthetic.num_eval=8", "--set", "train.batch_size=8",
@@ -106,4 +106,4 @@ def test_ilql_gpu_presets_dry_run(config, presets, tmp_path):
     for preset in presets:
         r = run_cli("ilql", "--config", str(ROOT / "stage_configs" / config), "--preset", preset, "--dry-run",
                     "--output-dir", str(tmp_path / preset))
-        assert r.exit_code == 0, r.output
+        assert_planned_then_refused_here(r)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_one_sentence, rlhf_cmd, run_cli
+from conftest import ROOT, assert_one_sentence, rlhf_cmd, run_cli, assert_planned_then_refused_here
 
 PPO_CONFIG = str(ROOT / "stage_configs" / "tldr_ppo.yaml")
 GOLD_FN = "rlhf_cli.data.synthetic:gold_reward_fn"
@@ -205,8 +205,8 @@ def test_ppo_gpu_presets_dry_run(config, presets, sft_ckpt, tmp_path, monkeypatc
     for preset in presets:
         r = run_cli("ppo", "--config", str(ROOT / "stage_configs" / config), "--preset", preset, "--dry-run",
                     "--output-dir", str(tmp_path / preset))
-        assert r.exit_code == 0, r.output
         assert "would fetch" in r.output
+        assert_planned_then_refused_here(r)
 
 
 def test_sentiment_ppo_on_real_review_text(shared_data, tmp_path):

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MICRO, SFT_CONFIG, assert_one_sentence, rlhf_cmd, run_cli
+from conftest import MICRO, SFT_CONFIG, assert_one_sentence, rlhf_cmd, run_cli, assert_planned_then_refused_here
 
 CONFIG = SFT_CONFIG
 
@@ -69,7 +69,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize("preset", ["gptj"])
 def test_gpu_preset_dry_run_reports_what_it_would_fetch(preset, tmp_path):
     r = run_cli("sft", "--config", CONFIG, "--preset", preset, "--output-dir", str(tmp_path / "g"), "--dry-run")
-    assert r.exit_code == 0, r.output
+    assert_planned_then_refused_here(r)
     assert "would fetch model 'EleutherAI/gpt-j-6b'" in " ".join(r.output.split())
 
 

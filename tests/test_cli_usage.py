@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, assert_planned_then_refused_here, rlhf_cmd, run_cli
 
 
 def _one_error_line(r) -> str:
@@ -119,9 +119,36 @@ def test_the_packaged_recipes_work_from_any_directory(tmp_path, monkeypatch):
     for path in (cfg.distributed.accelerate_config, cfg.distributed.deepspeed_config):
         assert Path(path).is_absolute() and Path(path).is_file(), path
     r = run_cli("dpo", "--config", "tldr_dpo.yaml", "--preset", "gptj", "--dry-run", "--output-dir", "o")
-    assert r.exit_code == 0, r.output
+    assert_planned_then_refused_here(r)  # the accelerate config was found: it asks for 8 GPUs
     line = _one_error_line(run_cli("sft", "--config", "nope.yaml"))
-    assert "config file nope.yaml does not exist (packaged recipes: hh_dpo.yaml" in line
+    assert "config file nope.yaml does not exist (packaged recipes: chat_dpo.yaml, chat_ppo.yaml, chat_rm.yaml, chat_sft.yaml, hh_dpo.yaml" in line
+
+
+CARD = """rlhf sft --config tldr_sft.yaml
+rlhf train-rm --init-from runs/sft
+rlhf ppo --reward-ckpt runs/rm
+rlhf eval --rouge --reward"""
+
+
+@pytest.mark.slow
+def test_the_cards_four_commands_verbatim_from_an_empty_directory(tmp_path):
+    """The README's four lines, word for word, run by a shell in an empty directory with the full packaged
+    recipes (about 7 minutes here): each stage's checkpoint, and the eval of SFT and PPO by the RM."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    readme = (ROOT / "README.md").read_text()
+    assert all(line in readme for line in CARD.splitlines())  # the test runs what the card says
+    env = {**os.environ, "PATH": f"{Path(rlhf_cmd()[0]).parent}{os.pathsep}{os.environ['PATH']}"}
+    for line in CARD.splitlines():
+        r = subprocess.run(line, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, (line, r.stdout[-2000:], r.stderr[-2000:])
+    for stage in ("sft", "rm", "ppo"):
+        assert json.loads((tmp_path / "runs" / stage / "rlhf_stage.json").read_text())["status"] == "complete"
+    report = json.loads((tmp_path / "runs" / "eval" / "report.json").read_text())
+    assert report["settings"]["checkpoints"] == ["runs/sft", "runs/ppo"] and report["settings"]["reward"][0] == "runs/rm"
 
 
 def test_config_show_lists_every_key_with_type_default_and_description():
@@ -165,38 +192,57 @@ def test_card_commands_take_the_packaged_recipe_and_the_reward_models_parent(sft
 @pytest.mark.parametrize("case", ["mistyped", "missing", "not_a_model", "policy_as_reward", "hub_offline",
                                   "bare_hub_name", "no_gpu"])
 def test_preflight_refuses_in_seconds_before_any_worker(case, sft_ckpt, tmp_path, monkeypatch):
-    """Each one sentence, exit 2, in seconds, before a model loads or a worker is launched; the path checks
-    hold on --dry-run too (they were accepted there, and the real run refused them minutes later)."""
+    """Each one sentence, exit 2, in seconds, before a model loads or a worker is launched; on --dry-run
+    too (after the plan), where they used to be accepted and the real run refused them minutes later."""
     import time
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "runs" / "sft").mkdir(parents=True)
-    args, pattern, dry = {
-        "mistyped": (["dpo", "--policy", "runs/sfft"], r"--policy runs/sfft does not exist; did you mean runs/sft\?", True),
-        "missing": (["train-rm", "--init-from", str(tmp_path / "gone")], r"--init-from .*gone does not exist", True),
-        "not_a_model": (["dpo", "--policy", "runs/sft"], r"--policy runs/sft is not a model checkpoint", True),
+    args, pattern = {
+        "mistyped": (["dpo", "--policy", "runs/sfft"], r"--policy runs/sfft does not exist; did you mean runs/sft\?"),
+        "missing": (["train-rm", "--init-from", str(tmp_path / "gone")], r"--init-from .*gone does not exist"),
+        "not_a_model": (["dpo", "--policy", "runs/sft"], r"--policy runs/sft is not a model checkpoint"),
         "policy_as_reward": (["ppo", "--policy", str(sft_ckpt), "--reward-ckpt", str(sft_ckpt)],
-                             r"--reward-ckpt .* is a policy checkpoint, but a reward model .* is expected", True),
+                             r"--reward-ckpt .* is a policy checkpoint, but a reward model .* is expected"),
         "hub_offline": (["dpo", "--policy", "someone/missing-model"],
-                        r"cannot fetch model 'someone/missing-model'.*hub is unreachable", False),
+                        r"cannot fetch model 'someone/missing-model'.*hub is unreachable"),
         # a bare hub name (gpt2) is a hub name, not a missing folder
-        "bare_hub_name": (["dpo", "--policy", "gpt2"], r"cannot fetch model 'gpt2'.*hub is unreachable", False),
+        "bare_hub_name": (["dpo", "--policy", "gpt2"], r"cannot fetch model 'gpt2'.*hub is unreachable"),
         "no_gpu": (["ppo", "--config", "tldr_ppo.yaml", "--preset", "gptj", "--policy", str(sft_ckpt),
                     "--reward-fn", "rlhf_cli.data.synthetic:gold_reward_fn"],
-                   r"preset 'gptj' launches 8 GPU processes .* but this machine has 0 GPUs", False),
+                   r"preset 'gptj' launches 8 GPU processes .* but this machine has 0 GPUs"),
     }[case]
     if case == "no_gpu" and __import__("torch").cuda.device_count() >= 8:
         pytest.skip("this machine has the GPUs")
-    start = time.perf_counter()
-    r = run_cli(*args, *(["--dry-run"] if dry else []))
-    lines = [line for line in r.output.splitlines() if line.strip()]
-    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
-    line = lines[-1]  # before it at most the notes of what was defaulted (the packaged recipe)
-    assert [x for x in lines if x.startswith("error:")] == [line], r.output
-    assert re.search(pattern, line), line
-    assert time.perf_counter() - start < 10 and "launching" not in r.output
-    assert not (tmp_path / "runs" / args[0]).exists()
+    for dry in (True, False):
+        start = time.perf_counter()
+        r = run_cli(*args, *(["--dry-run"] if dry else []))
+        lines = [line for line in r.output.splitlines() if line.strip()]
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        line = lines[-1]  # before it the notes of what was defaulted, and a dry run's plan
+        assert [x for x in lines if x.startswith("error:")] == [line], r.output
+        assert re.search(pattern, line), line
+        assert time.perf_counter() - start < 10 and "launching" not in r.output
+        assert not (tmp_path / "runs" / args[0]).exists()
+
+
+def test_a_hub_name_the_hub_does_not_have_is_refused_before_loading(tmp_path, monkeypatch):
+    """Online, a name that is neither a folder nor on the hub is one sentence on --dry-run and before a run
+    (it used to reach the model load). The hub is simulated: this machine has none."""
+    import huggingface_hub
+
+    from rlhf_cli import preflight
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(preflight, "hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "repo_exists", lambda name, **kw: name != "someone/no-such-model")
+    for extra in (["--dry-run"], []):
+        r = run_cli("dpo", "--policy", "someone/no-such-model", *extra)
+        errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+        assert r.exit_code == 2 and errors == [r.output.strip().splitlines()[-1]], r.output
+        assert "--policy someone/no-such-model is neither a local path nor a model on the Hugging Face hub" in errors[0]
+    assert not (tmp_path / "runs").exists()
 
 
 def test_trl_style_model_and_data_shortcuts(sft_ckpt, tmp_path, shared_data):

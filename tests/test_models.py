@@ -1,9 +1,14 @@
+import json
+
 import pytest
+import tiny_families
 import torch
 
 from rlhf_cli.config import TinyModelConfig
-from rlhf_cli.models import (build_tiny, build_tiny_reward, freeze_bottom, frozen_block_count, last_token_index,
-                             sequence_rewards, train_tokenizer)
+from rlhf_cli.errors import UserError
+from rlhf_cli.models import (build_tiny, build_tiny_reward, checkpoint_kind, default_pad_id, disable_dropout,
+                             freeze_bottom, frozen_block_count, last_token_index, max_positions, sequence_rewards,
+                             train_tokenizer, transformer_blocks)
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +69,61 @@ def test_no_freezing_when_fraction_is_zero(tok):
     rm = build_tiny_reward(tiny(4), tok, seed=0)
     freeze_bottom(rm, frozen_block_count(rm, 0.0))
     assert all(p.requires_grad for p in rm.parameters())
+
+
+def test_a_family_without_split_modules_and_a_head_of_another_name():
+    # CTRL names no decoder-layer class and calls its head `classifier`: blocks found from the structure,
+    # the reward read through whatever head sits beside the base model
+    from transformers import CTRLConfig, CTRLForSequenceClassification
+
+    torch.manual_seed(0)
+    model = CTRLForSequenceClassification(CTRLConfig(vocab_size=50, n_embd=32, n_layer=3, n_head=4, dff=64,
+                                                     num_labels=1, pad_token_id=0)).eval()
+    assert not model._no_split_modules
+    assert transformer_blocks(model) is model.transformer.h
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 0, 0]])
+    with torch.no_grad():
+        hf = model(input_ids=ids, attention_mask=(ids != 0).long()).logits.squeeze(-1)
+        torch.testing.assert_close(sequence_rewards(model, ids, (ids != 0).long()), hf)
+
+
+def test_a_model_without_blocks_is_refused_in_one_sentence():
+    with pytest.raises(UserError, match=r"^cannot find the transformer blocks of Linear: it has no list of layers"):
+        transformer_blocks(torch.nn.Linear(2, 2))
+
+
+def test_a_multimodal_causal_lm_is_a_policy_checkpoint(tmp_path):
+    for archs, kind in [(["Gemma3ForConditionalGeneration"], "policy"), (["OPTForCausalLM"], "policy"),
+                        (["Gemma3ForSequenceClassification"], "reward"), (["T5EncoderModel"], None)]:
+        (tmp_path / "config.json").write_text(json.dumps({"architectures": archs}))
+        assert checkpoint_kind(tmp_path) == kind, archs
+
+
+def test_a_multimodal_models_pad_id_and_positions_are_its_text_models(tok):
+    model = tiny_families.build(tiny_families.MULTIMODAL)
+    model.config.text_config.pad_token_id = None
+    default_pad_id(model, tok)
+    assert model.config.get_text_config().pad_token_id == tok.pad_token_id
+    assert max_positions(model) == 256
+
+
+def test_disable_dropout_also_turns_off_dropout_kept_as_a_number():
+    # OPT applies dropout and layer drop through functional calls with rates kept on the modules
+    model = tiny_families.build("opt", dropout=0.5, layerdrop=0.5).train()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    disable_dropout(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_heads_read_the_width_of_the_final_hidden_state():
+    # OPT-350m's shape: 32-wide blocks projected out to 16 before the LM head; the value and ILQL heads read
+    # the final hidden state, 16 wide
+    from rlhf_cli.heads import PolicyWithValueHead, hidden_size
+
+    model = tiny_families.build("opt_projected")
+    ids, mask = torch.tensor([[3, 4, 5]]), torch.ones(1, 3, dtype=torch.long)
+    width = model(input_ids=ids, output_hidden_states=True).hidden_states[-1].shape[-1]
+    assert hidden_size(model) == hidden_size(model.config) == width == 16
+    _, values = PolicyWithValueHead(model)(ids, mask, num_logits=2)
+    assert values.shape == (1, 2)

@@ -1,6 +1,10 @@
 """PPO's one-pass rollouts: the draw follows the distribution, filtering keeps what it should, and
-the old log-probs and values that come with the samples are what a full forward pass computes."""
+the old log-probs and values that come with the samples are what a full forward pass computes, in every
+family (with sliding-window attention over fewer tokens than a rollout where a family has it). The fast
+suite checks GPT-2, OPT and Gemma 3; `make test-slow` every family of tests/tiny_families.py."""
 
+import pytest
+import tiny_families
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -39,15 +43,20 @@ class _Tok:
     eos_token_id, pad_token_id = 1, 0
 
 
-def test_logprobs_and_values_equal_a_forward_pass_over_the_samples():
+FAST = {"gpt2", "opt", "gemma3"}
+
+
+@pytest.mark.parametrize("family", [f if f in FAST else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in tiny_families.ALL])
+def test_logprobs_and_values_equal_a_forward_pass_over_the_samples(family):
+    policy = tiny_families.build(family, vocab_size=40, bos=1, eos=1, pad=0, **tiny_families.SLIDING.get(family, {}))
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=2, n_head=4, pad_token_id=0,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    core = PolicyWithValueHead(GPT2LMHeadModel(cfg)).eval()
+    core = PolicyWithValueHead(policy).eval()
     torch.nn.init.normal_(core.value_head[2].weight)  # non-zero values, so the check means something
     with torch.no_grad():
-        core.policy.transformer.wte.weight[1] *= 3  # EOS likely enough that some rows end early
-    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]] * 3
+        # EOS's logit 0 whatever the state: about 1 in 40 a step, so of 24 rows some end early, some run 12 tokens
+        core.policy.get_output_embeddings().weight[1] = 0
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]] * 8
     gen = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
     s = sampling.sample(core.policy, _Tok(), prompts, gen, value_head=core.value_head)
     assert any(r[-1] == 1 for r in s.responses) and any(len(r) == 12 and 1 not in r for r in s.responses)

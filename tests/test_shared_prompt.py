@@ -1,22 +1,32 @@
 """Prefix sharing must compute what the plain concatenated forward computes: the same completion
-log-probs and rewards, and the same gradients, whatever the padding."""
+log-probs and rewards, and the same gradients, whatever the padding, in every family (sliding-window
+attention over fewer tokens than the prompts where a family has it). The fast suite checks GPT-2, OPT
+(learned positions) and Gemma 3 (sliding window); `make test-slow` every family of tests/tiny_families.py."""
 
+import pytest
+import tiny_families
 import torch
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from rlhf_cli import shared_prompt
 from rlhf_cli.data.tokenize import collate_sft
 from rlhf_cli.losses.dpo import sequence_logps
-from rlhf_cli.models import sequence_rewards
+from rlhf_cli.models import disable_dropout, sequence_rewards
 
 PAD = 0
+FAST = {"gpt2", "opt", "gemma3"}
+FAMILIES = [f if f in FAST else pytest.param(f, marks=pytest.mark.slow) for f in tiny_families.ALL]
 
 
-def _model(cls):
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=50, n_positions=64, n_embd=32, n_layer=2, n_head=4, pad_token_id=PAD,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=1)
-    return cls(cfg)
+def _model(family: str, head: str, **kw):
+    model = tiny_families.build(family, head, vocab_size=50, bos=1, eos=1, pad=PAD,
+                                **{**tiny_families.SLIDING.get(family, {}), **kw})
+    disable_dropout(model)  # training mode (gradients are compared) without its noise
+    return model
+
+
+def _grads(model) -> dict:
+    """Gradients by parameter name; a vision tower that text never reaches has none."""
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
 # prompts of different lengths, completions of different lengths (padding on both sides)
@@ -36,51 +46,56 @@ def test_split_refuses_groups_that_do_not_share_their_prompt():
     assert shared_prompt.split([[[1, 2], [1, 3]]], [0], PAD) is None  # no prompt
 
 
-def test_completion_logps_and_gradients_equal_the_concatenated_forward():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_completion_logps_and_gradients_equal_the_concatenated_forward(family):
     groups, lens = _groups()
-    model = _model(GPT2LMHeadModel)
+    model = _model(family, "causal")
     # reference: every sequence whole, prompt tokens masked out of the labels
     feats = [{"input_ids": s, "labels": [-100] * n + s[n:]} for g, n in zip(groups, lens) for s in g]
     b = collate_sft(feats, PAD)
     want, want_n = sequence_logps(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
                                   b["labels"])
     want.sum().backward()
-    want_grad = {k: p.grad.clone() for k, p in model.named_parameters()}
+    want_grad = _grads(model)
     model.zero_grad()
 
     got, got_n = shared_prompt.completion_logps(model, shared_prompt.split(groups, lens, PAD))
     got.sum().backward()
     assert torch.equal(got_n, want_n)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert _grads(model).keys() == want_grad.keys()
     for k, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, want_grad[k], rtol=1e-4, atol=1e-6, msg=k)
+        if k in want_grad:
+            torch.testing.assert_close(p.grad, want_grad[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_completion_rewards_and_gradients_equal_the_concatenated_forward():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_completion_rewards_and_gradients_equal_the_concatenated_forward(family):
     groups, lens = _groups()
-    model = _model(GPT2ForSequenceClassification)
+    model = _model(family, "reward")
     seqs = [s for g in groups for s in g]
     width = max(map(len, seqs))
     ids = torch.tensor([s + [PAD] * (width - len(s)) for s in seqs])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
     want = sequence_rewards(model, ids, mask)
     (want * torch.arange(1.0, 7.0)).sum().backward()
-    want_grad = {k: p.grad.clone() for k, p in model.named_parameters()}
+    want_grad = _grads(model)
     model.zero_grad()
 
     got = shared_prompt.completion_rewards(model, shared_prompt.split(groups, lens, PAD))
     (got * torch.arange(1.0, 7.0)).sum().backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert _grads(model).keys() == want_grad.keys()
     for k, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, want_grad[k], rtol=1e-4, atol=1e-6, msg=k)
+        if k in want_grad:
+            torch.testing.assert_close(p.grad, want_grad[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_padding_never_runs_past_the_models_positions():
+@pytest.mark.parametrize("family", ["gpt2", "opt"])  # learned positions: one past the last is an index error
+def test_padding_never_runs_past_the_models_positions(family):
     # a long prompt with a short completion beside a short prompt with a long one: the first row's
-    # padding would sit at positions beyond n_positions
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=50, n_positions=12, n_embd=16, n_layer=1, n_head=2, pad_token_id=PAD)
-    model = GPT2LMHeadModel(cfg)
+    # padding would sit at positions beyond the model's 12
+    model = _model(family, "causal", **tiny_families.positions(family, 12))
     groups = [[[1] * 9 + [2, 3], [1] * 9 + [4]], [[5, 6] + [7] * 10, [5, 6, 8]]]
     logps, n = shared_prompt.completion_logps(model, shared_prompt.split(groups, [9, 2], PAD))
     assert n.tolist() == [2, 1, 10, 1] and torch.isfinite(logps).all()

@@ -117,6 +117,10 @@ def train(stage: str, config: str | Path | None = None, *, output_dir: str | Pat
     cfg, out = resolve(stage, config, values, preset, seed, output_dir)
     if cfg.distributed.num_processes > 1 or cfg.distributed.accelerate_config:
         raise UserError("several processes need a launcher: run `rlhf` (it relaunches itself) or `accelerate launch`")
+    from . import preflight
+
+    preflight.check_paths(cfg)
+    preflight.check_hub(cfg)
     result = run(cfg, out, resume, overwrite, console)
     return TrainResult(Path(result["output_dir"]), result.get("final") or result.get("metrics") or {},
                        result.get("initial") or result.get("initial_metrics") or {}, result.get("steps", 0))

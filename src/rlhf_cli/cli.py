@@ -293,9 +293,11 @@ def _run_stage(stage: str, config, sets, preset, seed, output_dir, resume, overw
         _set_fields(cfg, fields)
         for note in api.fill_defaults(cfg):
             err.print(note, highlight=False, soft_wrap=True)
-        preflight.check(cfg, dry_run)  # seconds, before any model loads or worker starts
-        if dry_run:
-            return _print_plan(cfg, api.plan(cfg, dest))
+        preflight.check_paths(cfg)  # seconds, before any model loads or worker starts
+        if dry_run:  # the plan, then whether this machine can run it
+            _print_plan(cfg, api.plan(cfg, dest))
+            return preflight.check_machine(cfg)
+        preflight.check_machine(cfg)
         where["dir"] = dest
         with output_lock(dest):  # taken before any worker is launched; the workers run under it
             if _relaunch(cfg.distributed):

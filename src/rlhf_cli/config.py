@@ -56,6 +56,8 @@ class SyntheticConfig(Section):
     num_eval: int = Field(256, ge=1, description="Generated held-out examples.")
     seed: int = Field(0, description="Generator seed: same seed, same data.")
     label_noise: float = Field(0.1, ge=0, le=0.5, description="Fraction of comparison labels flipped.")
+    conversational: bool = Field(False, description="synthetic:tldr as TRL conversational rows (messages; "
+                                 "prompt/chosen/rejected messages), rendered by the chat template.")
 
 
 class DataConfig(Section):
@@ -70,12 +72,17 @@ class DataConfig(Section):
         None, description="Held-out split; default: the 'test'/'valid' split if present, else eval_fraction."
     )
     eval_fraction: float = Field(0.05, gt=0, lt=1, description="Held-out share when no eval split exists.")
-    format: Literal["auto", "tldr", "comparisons", "hh", "text", "rewarded", "completion", "prompt"] = Field(
+    format: Literal["auto", "tldr", "comparisons", "hh", "text", "rewarded", "completion", "prompt", "messages"] = Field(
         "auto",
         description="tldr (prompt, label) | comparisons (prompt, chosen, rejected) | hh (chosen/rejected "
-        "dialogues) | text (one column trained whole) | rewarded (prompt, completion, reward: ILQL) | completion "
-        "(prompt, completion: TRL's prompt-completion) | prompt (prompts only: PPO); auto picks from the columns.",
+        "dialogues; conversational: TRL's implicit-prompt preference) | text (one column trained whole) | rewarded "
+        "(prompt, completion, reward: ILQL) | completion (prompt, completion: TRL's prompt-completion) | prompt "
+        "(prompts only: PPO) | messages (TRL's conversational language modeling); auto picks from the columns. "
+        "Columns holding conversations ([{role, content}, ...]) are rendered by the chat template.",
     )
+    chat_template: str | None = Field(
+        None, description="A Jinja chat template file (.jinja) for conversational data: supplies or overrides the "
+        "tokenizer's, and is saved with the trained tokenizer. Relative to the config file.")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename columns to the schema's names, e.g. {prompt: post}."
     )
@@ -329,7 +336,7 @@ def keys(stage: str) -> list[tuple[str, str, str, str]]:
 # the recipes ship inside the package: `--config tldr_sft.yaml` works from any directory
 RECIPES = Path(__file__).parent / "stage_configs"
 # config keys holding a file path: a relative one in a config file is read relative to that file
-PATH_KEYS = (("distributed", "accelerate_config"), ("distributed", "deepspeed_config"))
+PATH_KEYS = (("distributed", "accelerate_config"), ("distributed", "deepspeed_config"), ("data", "chat_template"))
 
 
 def find_config(path: str | Path) -> Path:

@@ -25,12 +25,22 @@ from .shared_prompt import completion_rewards
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
-def hidden_size(config) -> int:
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("hidden_size", "n_embd", "d_model"):
+def hidden_size(source) -> int:
+    """The width of the final hidden state, the one the LM head reads (and the value / ILQL heads with it).
+
+    From a model: its LM head's input width, any family. From a config: its named width, OPT's
+    `word_embed_proj_dim` first (opt-350m projects the blocks' 1024 down to 512 before the head).
+    """
+    if isinstance(source, nn.Module):
+        width = getattr(source.get_output_embeddings(), "in_features", None)  # a Linear's, also under ZeRO-3
+        if width:
+            return width
+        source = source.config
+    c = source.get_text_config() if hasattr(source, "get_text_config") else source
+    for name in ("word_embed_proj_dim", "hidden_size", "n_embd", "d_model"):
         if getattr(c, name, None):
             return getattr(c, name)
-    raise ValueError(f"cannot find the hidden size of {type(config).__name__}")
+    raise ValueError(f"cannot find the hidden size of {type(source).__name__}")
 
 
 class PolicyWithValueHead(nn.Module):
@@ -43,7 +53,7 @@ class PolicyWithValueHead(nn.Module):
     def __init__(self, policy, value_head: nn.Module | None = None):
         super().__init__()
         self.policy = policy
-        h = hidden_size(policy.config)
+        h = hidden_size(policy)
         if value_head is None:
             value_head = nn.Sequential(nn.Linear(h, 2 * h), nn.ReLU(), nn.Linear(2 * h, 1))
             nn.init.zeros_(value_head[2].weight)
@@ -68,7 +78,7 @@ class PolicyWithValueHead(nn.Module):
         self.policy.save_pretrained(dest, state_dict=lm, safe_serialization=True)
         save_file(head, str(Path(dest) / VALUE_HEAD_FILE),
                   metadata={"format": "pt", "architecture": "Linear(H,2H)-ReLU-Linear(2H,1)",
-                            "hidden_size": str(hidden_size(self.policy.config))})
+                            "hidden_size": str(hidden_size(self.policy))})
 
     def load_value_head(self, directory: Path) -> bool:
         """Load value_head.safetensors from `directory` when it has one (a PPO checkpoint)."""

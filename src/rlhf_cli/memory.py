@@ -26,6 +26,8 @@ KNOWN = {
     "dahoas/pythia-1b-static-sft": (1.01e9, 16),
     "dahoas/pythia-6b-static-sft": (6.86e9, 32),
     "lvwerra/gpt2-imdb": (0.124e9, 12),
+    "qwen/qwen2.5-0.5b-instruct": (0.494e9, 24),
+    "meta-llama/llama-3.1-8b-instruct": (8.03e9, 32),
 }
 GiB = 1024 ** 3
 

@@ -67,9 +67,17 @@ def checkpoint_kind(path: Path) -> str | None:
     archs = read_model_config(path).get("architectures") or []
     if any(a.endswith(REWARD_ARCH) for a in archs):
         return "reward"
-    if any(a.endswith((POLICY_ARCH, "LMHeadModel")) for a in archs):
+    if any(a.endswith((POLICY_ARCH, "LMHeadModel")) or a in _causal_lm_classes() for a in archs):
         return "policy"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _causal_lm_classes() -> frozenset:
+    """The classes AutoModelForCausalLM builds: some are named otherwise (Gemma3ForConditionalGeneration)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def expect_kind(path: Path, kind: str, flag: str) -> None:
@@ -158,14 +166,35 @@ def load_policy(cfg, train_texts=None):
                 raise UserError("the tiny model trains its tokenizer on the data, but there is no training text")
             tok = train_tokenizer(train_texts, cfg.tokenizer.vocab_size, cfg.model.tiny.n_positions)
         model = build_tiny(cfg.model.tiny, tok, cfg.seed, cfg.model.fuse_gelu)
-        return tok, model
+        return with_chat_template(tok, cfg), model
     tok = load_tokenizer(cfg.tokenizer.name_or_path or cfg.model.name_or_path, cfg.model.trust_remote_code,
                          cfg.model.revision)
     model = load_causal_lm(cfg.model.name_or_path, cfg.model)
     check_vocab(tok, model, cfg.tokenizer.name_or_path or cfg.model.name_or_path)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
-    return tok, model
+    default_pad_id(model, tok)
+    return with_chat_template(tok, cfg), model
+
+
+def with_chat_template(tok, cfg):
+    """`data.chat_template` becomes the tokenizer's own, so the checkpoint's tokenizer renders prompts the
+    way its policy was trained (for the next stage and for plain transformers)."""
+    template = getattr(getattr(cfg, "data", None), "chat_template", None)
+    if template:
+        tok.chat_template = Path(template).expanduser().read_text(encoding="utf-8")
+    return tok
+
+
+def text_config(model):
+    """The config that holds the text model's token ids: the model's own, or a multimodal one's `text_config`
+    (where transformers reads the pad id, e.g. to pool a sequence classifier)."""
+    return model.config.get_text_config()
+
+
+def default_pad_id(model, tok) -> None:
+    """The tokenizer's pad id where the checkpoint names none."""
+    text = text_config(model)
+    if getattr(text, "pad_token_id", None) is None:
+        text.pad_token_id = tok.pad_token_id
 
 
 def check_policy_source(path: str, stage: str) -> None:
@@ -184,9 +213,8 @@ def load_trained_policy(cfg, path: str, stage: str):
     tok = load_tokenizer(cfg.tokenizer.name_or_path or path, cfg.model.trust_remote_code, cfg.model.revision)
     model = load_causal_lm(path, cfg.model)
     check_vocab(tok, model, cfg.tokenizer.name_or_path or path)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
-    return tok, model
+    default_pad_id(model, tok)
+    return with_chat_template(tok, cfg), model
 
 
 def load_reward_model(name: str, model_cfg, tokenizer):
@@ -198,7 +226,7 @@ def load_reward_model(name: str, model_cfg, tokenizer):
     model = load_pretrained(AutoModelForSequenceClassification, name, "model", num_labels=1, dtype=dtype,
                         revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
     check_vocab(tokenizer, model, name)
-    model.config.pad_token_id = tokenizer.pad_token_id  # HF's own pooling finds the last token by it
+    text_config(model).pad_token_id = tokenizer.pad_token_id  # HF's own pooling finds the last token by it
     return fuse_gelu(model) if model_cfg.fuse_gelu else model
 
 
@@ -235,38 +263,120 @@ def sequence_rewards(model, input_ids, attention_mask):
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
     idx = last_token_index(attention_mask)
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # (B, H)
-    return model.score(last).squeeze(-1).float()  # (B,)
+    return score_head(model)(last).squeeze(-1).float()  # (B,)
+
+
+def score_head(model):
+    """A sequence classifier's head on the pooled hidden state: `score` in most causal-LM families, else its
+    one child with weights beside the base model (`classifier` in CTRL)."""
+    import torch
+
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Module):
+        base = model.base_model
+        heads = [m for m in model.children() if m is not base and next(m.parameters(), None) is not None]
+        head = heads[0] if len(heads) == 1 else None
+    if head is None:
+        raise UserError(f"cannot find the classification head of {type(model).__name__} beside its base model")
+    return head
 
 
 def transformer_blocks(model):
-    """The ModuleList of transformer blocks of a causal LM or sequence classifier."""
+    """The ModuleList of transformer blocks of a causal LM or sequence classifier, of any family."""
+    return _find_blocks(unwrap(model))[1]
+
+
+# Blocks under these words (in the path or the block's class) are a vision or audio tower's, not the text's.
+NON_TEXT = ("vision", "visual", "audio", "image")
+
+
+def _find_blocks(model):
+    """(path, ModuleList) of the text blocks, from the model's own structure, not attribute names (GPT-2 `h`,
+    Llama `layers`, OPT `decoder.layers`, Gemma 3 `language_model.layers`): the longest ModuleList of the
+    decoder-layer classes transformers names in `_no_split_modules`, else the longest of one class."""
     import torch
 
-    base = model.base_model
-    for name in ("h", "layers", "blocks", "layer"):
-        blocks = getattr(base, name, None)
-        if isinstance(blocks, torch.nn.ModuleList):
-            return blocks
-    raise UserError(f"cannot find the transformer blocks of {type(model).__name__} to freeze")
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    named, uniform = [], []
+    for path, m in model.named_modules():
+        if not isinstance(m, torch.nn.ModuleList) or len(m) == 0 or _non_text(path, m):
+            continue
+        classes = {type(b).__name__ for b in m}
+        if classes <= layer_classes:  # several layer kinds are fine here (hybrid attention / SSM models)
+            named.append((path, m))
+        elif len(classes) == 1:
+            uniform.append((path, m))
+    found = named or uniform
+    if not found:
+        raise UserError(f"cannot find the transformer blocks of {type(model).__name__}: it has no list of "
+                        "layers outside a vision or audio tower")
+    return max(found, key=lambda x: len(x[1]))  # the first of equally long ones: the trunk comes first
+
+
+def _non_text(path: str, blocks) -> bool:
+    names = [path.lower()] + [type(b).__name__.lower() for b in blocks]
+    return any(word in name for name in names for word in NON_TEXT)
+
+
+def _below_blocks(model, path: str) -> list:
+    """The modules that run before the blocks at `path`: every embedding outside them (input tokens, learned
+    positions; not an output head), what the blocks' parent runs before them, and in a multimodal model the
+    encoders that feed the text model (vision tower, projector). The final norm and the heads sit above."""
+    import torch
+
+    head = model.get_output_embeddings()
+    below = [model.get_input_embeddings()]
+    below += [m for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Embedding) and m is not head and not name.startswith(path + ".")]
+    parent, _, blocks_name = path.rpartition(".")
+    below += _run_before(model.get_submodule(parent), blocks_name)
+    base = getattr(model, "base_model", model)
+    module, inside = model, False
+    for name in path.split(".")[:-1]:  # the ancestors above the blocks' own parent, from the top
+        inside = inside or module is base
+        if inside:  # within the base model, a sibling of the text model is an encoder of its input
+            below += [child for n, child in module.named_children() if n != name]
+        module = getattr(module, name)
+    return below
+
+
+def _run_before(parent, blocks_name: str) -> list:
+    """The children of `parent` that its forward uses before the blocks (OPT-350m's `project_in`, BLOOM's
+    embedding norm), by where `self.<child>` first appears in the family's own forward code; none when that
+    code cannot be read."""
+    import inspect
+    import re
+
+    try:
+        src = inspect.getsource(type(parent).forward)
+    except (OSError, TypeError):
+        return []
+
+    def first(name):
+        found = re.search(rf"self\.{re.escape(name)}\b", src)
+        return found.start() if found else None
+
+    start = first(blocks_name)
+    if start is None:
+        return []
+    return [child for name, child in parent.named_children()
+            if name != blocks_name and (at := first(name)) is not None and at < start]
 
 
 def freeze_bottom(model, num_frozen: int) -> None:
-    """Freeze the bottom `num_frozen` blocks and the embeddings under them (trlx's recipe).
+    """Freeze the bottom `num_frozen` blocks and everything under them (trlx's recipe).
 
     Embeddings sit below every block: if they trained, the "frozen" trunk's input would move. A
     tied LM head shares the input embedding's Parameter, so it is frozen with it.
     """
     if num_frozen <= 0:
         return
-    blocks = transformer_blocks(model)
+    model = unwrap(model)
+    path, blocks = _find_blocks(model)
     for block in list(blocks)[:num_frozen]:
         block.requires_grad_(False)
-    emb = model.get_input_embeddings()
-    emb.requires_grad_(False)
-    for name in ("wpe", "embed_positions"):  # learned position embeddings sit below every block too
-        pos = getattr(model.base_model, name, None)
-        if pos is not None:
-            pos.requires_grad_(False)
+    for module in _below_blocks(model, path):
+        module.requires_grad_(False)
 
 
 def train_top_blocks(model, k: int) -> None:
@@ -289,6 +399,10 @@ def disable_dropout(model) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        # rates kept as plain floats for functional dropout (OPT's `dropout`, `layerdrop`; `attention_dropout`)
+        for name, value in list(vars(m).items()):
+            if "drop" in name and isinstance(value, float):
+                setattr(m, name, 0.0)
 
 
 def frozen_block_count(model, fraction: float) -> int:
@@ -296,7 +410,7 @@ def frozen_block_count(model, fraction: float) -> int:
 
 
 def max_positions(model) -> int | None:
-    c = model.config
+    c = model.config.get_text_config()  # a multimodal model's positions are its text model's
     return getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None)
 
 

@@ -1,6 +1,7 @@
 """Checks that take seconds and run before any model is loaded or worker spawned, on `--dry-run` too:
-every checkpoint a run is given exists and is of the right kind, a hub name is cached or reachable,
-and the GPUs a launch config asks for are there. Each problem is one sentence (a UserError)."""
+every checkpoint a run is given exists and is of the right kind (`check_paths`), and this machine can run
+the plan (`check_machine`: the GPUs a launch config asks for are there, a hub name is cached or the hub
+reachable). Each problem is one sentence (a UserError)."""
 
 from __future__ import annotations
 
@@ -53,9 +54,8 @@ def _cached(name: str) -> bool:
         return False
 
 
-def check_models(cfg, online: bool) -> None:
-    """Local checkpoints exist and are of the right kind; with `online`, a hub name not in the cache
-    needs a reachable hub (a dry run only says it would be fetched)."""
+def check_paths(cfg) -> None:
+    """Local checkpoints exist and are of the right kind: a property of the command, not the machine."""
     for flag, name, kind in model_sources(cfg):
         path = Path(name).expanduser()
         if path.exists():
@@ -65,8 +65,29 @@ def check_models(cfg, online: bool) -> None:
                 raise UserError(f"{flag} {name} is not a model checkpoint (no config.json)")
         elif _looks_local(name):
             raise UserError(f"{flag} {name} does not exist{_suggest(path)}")
-        elif online and not _cached(name) and not hub_reachable():
+
+
+def _on_hub(name: str) -> bool:
+    """False only when the hub says there is no such model (a private one looks the same without a token);
+    any other failure is left to the load, which names it."""
+    try:
+        from huggingface_hub import repo_exists
+
+        return repo_exists(name)
+    except Exception:
+        return True
+
+
+def check_hub(cfg) -> None:
+    """A hub name not in the local cache needs a reachable hub, and a model of that name on it."""
+    for flag, name, _ in model_sources(cfg):
+        if Path(name).expanduser().exists() or _looks_local(name) or _cached(name):
+            continue
+        if not hub_reachable():
             raise hub_error("model", name)
+        if not _on_hub(name):
+            raise UserError(f"{flag} {name} is neither a local path nor a model on the Hugging Face hub "
+                            f"(a private or gated one needs `hf auth login`)")
 
 
 def check_devices(cfg) -> None:
@@ -88,7 +109,7 @@ def check_devices(cfg) -> None:
                         f"has {have} GPU{'s' if have != 1 else ''}; choose the tiny preset or another machine")
 
 
-def check(cfg, dry_run: bool = False) -> None:
-    check_models(cfg, online=not dry_run)
-    if not dry_run:
-        check_devices(cfg)
+def check_machine(cfg) -> None:
+    """What this machine must have for the plan: the GPUs first (the bigger surprise), then the hub."""
+    check_devices(cfg)
+    check_hub(cfg)

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from . import checkpoint as ck
 from .config import DataConfig, GenerationConfig, load_config, to_dict
-from .data import formats
+from .data import chat, formats
 from .data.sources import load_formatted
 from .data.tokenize import encode_prompt
 from .errors import UserError
@@ -33,9 +33,14 @@ COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), 
            ("reward_delta", "reward Δ"), ("gold", "gold"), ("kl", "KL to ref"), ("response_length", "length")]
 
 
-def load_eval_prompts(data_cfg, seed: int, num_samples: int) -> list[tuple[str, str | None]]:
-    """(prompt, reference) of the held-out split of any SFT-style data (pairs: the chosen completion)."""
-    split, fmt = load_formatted(data_cfg, kind="sft", seed=seed)
+def load_eval_prompts(data_cfg, seed: int, num_samples: int, tokenizer_of: str | None = None
+                      ) -> list[tuple[str, str | None]]:
+    """(prompt, reference) of the held-out split of any SFT-style data (pairs: the chosen completion);
+    conversations rendered by the chat template of the checkpoint `tokenizer_of`."""
+    def renderer():
+        return chat.from_tokenizer(load_tokenizer(tokenizer_of), tokenizer_of, data_cfg.chat_template)
+
+    split, fmt = load_formatted(data_cfg, kind="sft", seed=seed, chat=renderer if tokenizer_of else None)
     examples, _ = formats.sft_examples(split.eval or split.train, fmt)
     pairs = [(e.prompt, e.completion) for e in examples if e.prompt]
     if not pairs:
@@ -304,7 +309,7 @@ def run_eval(req: EvalRequest, progress) -> EvalResult:
     if req.reward and not any((req.reward_ckpt, req.reward_fn, req.reward_url)):
         raise UserError("--reward needs --reward-ckpt, --reward-fn or --reward-url")
     data_cfg = eval_data(req)
-    pairs = load_eval_prompts(data_cfg, 42, req.num_samples)
+    pairs = load_eval_prompts(data_cfg, 42, req.num_samples, req.ckpts[0] if req.ckpts else None)
     title = f"rlhf eval: {len(pairs)} held-out prompts of {data_cfg.source}"
     settings = {"checkpoints": req.ckpts, "content_hashes": [ck.content_hash(Path(c)) for c in req.ckpts],
                 "data": to_dict(data_cfg), "num_samples": len(pairs), "seed": req.seed, "rouge": req.rouge,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.tokenize import pad_left, pad_right
-from .models import new_cache, position_ids, with_cache
+from .models import new_cache, position_ids, score_head, with_cache
 
 
 @dataclass
@@ -93,11 +93,11 @@ def completion_logps(model, s: Shared) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def completion_rewards(model, s: Shared) -> torch.Tensor:
-    """(B*k,) scalar reward of each prompt + completion of a sequence classifier (`model.score`), read
+    """(B*k,) scalar reward of each prompt + completion of a sequence classifier (its score head), read
     at the completion's last token."""
     base = model.base_model
     _, cache = _prompt_pass(base, s)
     hidden = _completion_pass(base, s, cache).last_hidden_state  # (B*k, Tc, H)
     last = s.completion_mask.sum(1) - 1
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return model.score(pooled).squeeze(-1).float()
+    return score_head(model)(pooled).squeeze(-1).float()

@@ -76,7 +76,7 @@ def test_pairs_keep_an_empty_preferred_reply_and_drop_identical_ones():
 
     rows = [{"chosen": "\n\nHuman: how to steal?\n\nAssistant: ", "rejected": "\n\nHuman: how to steal?\n\nAssistant: Sure"},
             {"chosen": "\n\nHuman: hi\n\nAssistant: hey", "rejected": "\n\nHuman: hi\n\nAssistant: hey"},
-            {"chosen": "no assistant turn", "rejected": "x"}]
+            {"chosen": None, "rejected": "x"}]
     pairs, malformed, equal = pair_examples(rows, "hh")
     assert (len(pairs), malformed, equal) == (1, 1, 1)
     assert pairs[0].prompt == "\n\nHuman: how to steal?\n\nAssistant:" and pairs[0].chosen == " "
@@ -94,17 +94,17 @@ def test_trls_prompt_completion_rows_are_detected_and_trained_on_the_completion(
 
 
 def test_a_malformed_preference_row_is_explained_not_just_counted(tmp_path):
-    """All rows conversational (TRL's format, not read yet; one of the 8 is held out): the error says what is
-    wrong with which row, not only how many."""
+    """All rows malformed (one of the 8 is held out): the error says what is wrong with which row, not only
+    how many."""
     import json
 
     from conftest import ROOT, run_cli
 
     p = tmp_path / "pairs.jsonl"
-    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    p.write_text("".join(json.dumps({"prompt": "x", "chosen": turn, "rejected": turn}) + "\n" for _ in range(8)))
+    p.write_text("".join(json.dumps({"prompt": "x", "chosen": {"text": "hello"}, "rejected": "bye"}) + "\n"
+                         for _ in range(8)))
     r = run_cli("train-rm", "--config", str(ROOT / "stage_configs" / "tldr_rm.yaml"), "--dry-run",
                 "--output-dir", str(tmp_path / "o"), "--set", f"data.source={p}")
     assert r.exit_code == 2, r.output
-    assert ("has no usable pairs (7 malformed, 0 with chosen == rejected); e.g. training row 0: 'chosen' is a "
-            "conversation (a list of messages), which is not read yet; give text") in " ".join(r.output.split())
+    assert ("has no usable pairs (7 malformed, 0 with chosen == rejected); e.g. training row 0: 'chosen' is "
+            "dict, not text") in " ".join(r.output.split())

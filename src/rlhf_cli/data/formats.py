@@ -8,6 +8,9 @@ Schemas (after `data.columns` renaming):
     rewarded     {prompt, completion, reward}                        offline RL (ILQL)
     completion   {prompt, completion}                                TRL's prompt-completion (standard)
     prompt       {prompt}                                            prompts only (online RL)
+    messages     {messages: [{role, content}, ...]}                  TRL's conversational language modeling
+TRL's conversational rows (a list of {role, content} where the schema has text) are rendered by a chat
+template into the standard rows above before they get here: see `chat.py`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ REQUIRED = {
     "rewarded": ("prompt", "completion", "reward"),
     "completion": ("prompt", "completion"),
     "prompt": ("prompt",),
+    "messages": ("messages",),
 }
 
 
@@ -33,6 +37,11 @@ class SFTExample:
     prompt: str  # "" for whole-text examples: the loss then covers every token
     completion: str
     meta: dict
+    segments: list | None = None  # a rendered conversation: [(text, trained)], every assistant turn trained
+
+    @property
+    def text(self) -> str:
+        return "".join(t for t, _ in self.segments) if self.segments else self.prompt + self.completion
 
 
 @dataclass
@@ -45,8 +54,10 @@ class PairExample:
 
 def join_text(prompt: str, completion: str) -> str:
     """prompt + completion, with a newline where neither side has whitespace at the seam
-    (CarperAI/openai_summarize_comparisons: the post, then "TL;DR: ..." on its own line)."""
-    if prompt and completion and not prompt[-1].isspace() and not completion[0].isspace() and not prompt.endswith(":"):
+    (CarperAI/openai_summarize_comparisons: the post, then "TL;DR: ..." on its own line); never after a
+    separator or a chat template's tag (`[/INST]`, `<|assistant|>`), whose reply follows it directly."""
+    if prompt and completion and not prompt[-1].isspace() and not completion[0].isspace() \
+            and not prompt.endswith((":", ">", "]")):
         return prompt + "\n" + completion
     return prompt + completion
 
@@ -59,6 +70,8 @@ def pair_examples(rows: list[dict], fmt: str) -> tuple[list[PairExample], int, i
         try:
             if fmt == "comparisons":
                 prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+            elif fmt == "hh" and not (ASSISTANT in row["chosen"] and ASSISTANT in row["rejected"]):
+                prompt, chosen, rejected = split_common(row["chosen"], row["rejected"])  # TRL's implicit prompt
             elif fmt == "hh":
                 prompt, chosen = split_hh(row["chosen"])
                 rejected_prompt, rejected = split_hh(row["rejected"])
@@ -84,12 +97,8 @@ def why_malformed(row: dict, fmt: str) -> str | None:
     """What is wrong with a preference row that `pair_examples` drops as malformed, in words; None if nothing."""
     for col in REQUIRED[fmt]:
         value = row.get(col)
-        if isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]:
-            return f"'{col}' is a conversation (a list of messages), which is not read yet; give text"
         if not isinstance(value, str):
             return f"'{col}' is {type(value).__name__}, not text"
-    if fmt == "hh" and any(ASSISTANT not in row[c] for c in ("chosen", "rejected")):
-        return "a dialogue has no '\\n\\nAssistant:' turn to split the prompt from the reply"
     return None
 
 
@@ -102,7 +111,7 @@ def rename_columns(rows: list[dict], columns: dict[str, str]) -> list[dict]:
 
 
 def detect_format(columns: set[str]) -> str | None:
-    for fmt in ("comparisons", "rewarded", "tldr", "completion", "hh", "text", "prompt"):
+    for fmt in ("messages", "comparisons", "rewarded", "tldr", "completion", "hh", "text", "prompt"):
         if set(REQUIRED[fmt]) <= columns:
             return fmt
     return None
@@ -113,20 +122,52 @@ def resolve_format(rows: list[dict], fmt: str, source: str) -> str:
         raise UserError(f"dataset '{source}' has no rows")
     cols = set(rows[0])
     if fmt == "auto":
-        found = detect_format(cols)
-        if found is None:
+        fmt = detect_format(cols)
+        if fmt is None:
             raise UserError(
                 f"cannot tell the format of '{source}' from its columns ({', '.join(sorted(cols))}); "
                 "set data.format and map columns with data.columns"
             )
-        return found
     missing = [c for c in REQUIRED[fmt] if c not in cols]
     if missing:
         raise UserError(
             f"dataset '{source}' has no column '{missing[0]}' needed by format '{fmt}' "
             f"(columns: {', '.join(sorted(cols))}); map one with --set data.columns.{missing[0]}=NAME"
         )
+    check_one_format(rows, fmt, source, "training")
     return fmt
+
+
+def check_one_format(rows: list[dict], fmt: str, source: str, split: str, first: dict | None = None) -> None:
+    """Every row in the one format of the file: a row that lacks the format's columns but has another
+    format's, or is conversational where the first training row is not (or the other way), is refused by number."""
+    def conversational(row):
+        return [isinstance(row.get(c), list) for c in REQUIRED[fmt]]
+
+    if not rows:
+        return
+    reference = conversational(first or rows[0])
+    for i, row in enumerate(rows):
+        present = {k for k, v in row.items() if v is not None}
+        other = detect_format(present)
+        if not set(REQUIRED[fmt]) <= present and other not in (None, fmt):
+            raise UserError(f"{split} row {i} of '{source}' is in {other} format ({', '.join(REQUIRED[other])}) but "
+                            f"the file's first rows are in {fmt} format; one file holds one format")
+        if conversational(row) != reference and all(isinstance(row.get(c), (str, list)) for c in REQUIRED[fmt]):
+            kinds = ("a conversation" if x else "text" for x in (not reference[0], reference[0]))
+            raise UserError(f"{split} row {i} of '{source}' holds {next(kinds)} where training row 0 holds "
+                            f"{next(kinds)}; one file holds one format (all rows conversational, or none)")
+
+
+def split_common(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """An implicit prompt: the words chosen and rejected begin with alike (TRL cuts at the first differing
+    character, which can split a word: "The sky is bl" + "ue"); the replies keep their leading space."""
+    import os
+
+    same = os.path.commonprefix([chosen, rejected])
+    if len(same) < min(len(chosen), len(rejected)):
+        same = same[: max(same.rfind(" "), same.rfind("\n"), 0)]  # back to the last word boundary
+    return same, chosen[len(same):], rejected[len(same):]
 
 
 def split_hh(dialogue: str) -> tuple[str, str]:
@@ -141,7 +182,7 @@ def sft_examples(rows: list[dict], fmt: str) -> tuple[list[SFTExample], int]:
     """SFT examples of `rows` in format `fmt`, and how many rows were dropped (empty / malformed)."""
     out, dropped = [], 0
     for row in rows:
-        meta = {k: v for k, v in row.items() if k not in REQUIRED[fmt]}
+        meta = {k: v for k, v in row.items() if k not in REQUIRED[fmt] and k != "_segments"}
         try:
             if fmt == "tldr":
                 prompt, completion = row["prompt"], row["label"]
@@ -161,5 +202,5 @@ def sft_examples(rows: list[dict], fmt: str) -> tuple[list[SFTExample], int]:
         if not isinstance(prompt, str) or not isinstance(completion, str) or not (completion.strip() or fmt == "prompt"):
             dropped += 1
             continue
-        out.append(SFTExample(prompt, completion, meta))
+        out.append(SFTExample(prompt, completion, meta, row.get("_segments")))
     return out, dropped

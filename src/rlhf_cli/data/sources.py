@@ -12,9 +12,11 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..hub import hub_error, hub_reachable, offline_mode
+from . import chat as chat_mod
 from . import formats, synthetic
 
-_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+GLOB_CHARS = "*?["
 
 
 @dataclass
@@ -58,7 +60,7 @@ def _builder_for(path: Path) -> str:
         suffixes = suffixes[:-1]
     ext = suffixes[-1] if suffixes else ""
     if ext not in _LOCAL_BUILDERS:
-        raise UserError(f"cannot read {path}: expected a .json, .jsonl, .parquet or .csv file (optionally .gz), "
+        raise UserError(f"cannot read {path}: expected a .json, .jsonl, .parquet, .csv or .arrow file (optionally .gz), "
                         "or data.format: text for plain text with one example per line")
     return _LOCAL_BUILDERS[ext]
 
@@ -169,15 +171,7 @@ def load_source(data_cfg, kind: str, seed: int) -> Split:
     """
     src = data_cfg.source.strip()
     if src.startswith("synthetic:"):
-        task = src.split(":", 1)[1]
-        if task not in synthetic.SOURCES:
-            raise UserError(f"unknown synthetic source '{src}'; choose synthetic:tldr, synthetic:hh or "
-                            "synthetic:reviews")
-        if task == "reviews" and kind != "sft":
-            raise UserError("synthetic:reviews holds plain movie reviews, not preference pairs")
-        s = data_cfg.synthetic
-        rows = synthetic.generate(task, s.num_train + s.num_eval, s.seed, kind=kind, label_noise=s.label_noise)
-        return Split(rows[: s.num_train], rows[s.num_train:], src, synthetic_task=task)
+        return _synthetic(src, data_cfg.synthetic, kind)
 
     if src.startswith("memory:"):
         if src[len("memory:"):] not in _IN_MEMORY:
@@ -190,11 +184,27 @@ def load_source(data_cfg, kind: str, seed: int) -> Split:
             rows_by_split = _load_dir(path, data_cfg)
         else:
             rows_by_split = {"train": _load_local_file(path, plain_text=data_cfg.format == "text")}
+    elif any(c in src for c in GLOB_CHARS):
+        rows_by_split = _load_shards(src)
     elif is_hub_name(src):
         rows_by_split = _load_hub(src, data_cfg)
     else:
         raise UserError(f"data source '{src}' is not a file, a directory, a hub dataset name or synthetic:*")
     return _with_notes(_pick_splits(rows_by_split, data_cfg, seed, src), data_cfg)
+
+
+def _synthetic(src: str, s, kind: str) -> Split:
+    task = src.split(":", 1)[1]
+    if task not in synthetic.SOURCES:
+        raise UserError(f"unknown synthetic source '{src}'; choose synthetic:tldr, synthetic:hh or synthetic:reviews")
+    if task == "reviews" and kind != "sft":
+        raise UserError("synthetic:reviews holds plain movie reviews, not preference pairs")
+    rows = synthetic.generate(task, s.num_train + s.num_eval, s.seed, kind=kind, label_noise=s.label_noise)
+    if s.conversational:
+        if task != "tldr":
+            raise UserError(f"data.synthetic.conversational is for synthetic:tldr, not {src}")
+        rows = synthetic.conversational(rows)
+    return Split(rows[: s.num_train], rows[s.num_train:], src, synthetic_task=task)
 
 
 def _with_notes(split: Split, data_cfg) -> Split:
@@ -232,14 +242,29 @@ def cut_long_texts(rows: list[dict], cap: int) -> int:
     return cut
 
 
-def load_formatted(data_cfg, kind: str, seed: int) -> tuple[Split, str]:
-    """`load_source`, then `data.columns` renaming and the format (given or detected from the columns)."""
+def load_formatted(data_cfg, kind: str, seed: int, chat=None) -> tuple[Split, str]:
+    """`load_source`, then `data.columns` renaming and the format (given or detected from the columns);
+    conversational rows are rendered by the chat template of `chat()` (a `chat.Renderer`) into the
+    standard format they mirror."""
     split = load_source(data_cfg, kind, seed)
     split.train = formats.rename_columns(split.train, data_cfg.columns)
     split.eval = formats.rename_columns(split.eval, data_cfg.columns)
     if not split.train:
         raise UserError(f"dataset '{data_cfg.source}' has no training rows")
-    return split, formats.resolve_format(split.train, data_cfg.format, data_cfg.source)
+    fmt = formats.resolve_format(split.train, data_cfg.format, data_cfg.source)
+    formats.check_one_format(split.eval, fmt, data_cfg.source, "held-out", first=split.train[0])
+    if fmt != "messages" and not chat_mod.conversational_columns(split.train[0], formats.REQUIRED[fmt]):
+        return split, fmt
+    if fmt not in chat_mod.STANDARD:
+        raise UserError(f"'{data_cfg.source}' holds conversations in {fmt} format, which has no conversational form; "
+                        "give text")
+    if chat is None:
+        raise UserError(f"'{data_cfg.source}' is conversational, but no tokenizer is known here to render it")
+    renderer = chat()
+    split.train = chat_mod.render_rows(split.train, fmt, renderer, data_cfg.source, "training")
+    split.eval = chat_mod.render_rows(split.eval, fmt, renderer, data_cfg.source, "held-out")
+    split.notes.append(f"conversational rows rendered by the chat template of {renderer.where}")
+    return split, chat_mod.STANDARD[fmt]
 
 
 @dataclass
@@ -253,9 +278,10 @@ class PairData:
     notes: list[str]
 
 
-def load_pair_data(cfg, stage: str) -> PairData:
-    """Preference pairs of `cfg.data` for `stage` (train-rm, dpo): comparisons or HH format."""
-    split, fmt = load_formatted(cfg.data, kind="pairs", seed=cfg.seed)
+def load_pair_data(cfg, stage: str, chat=None) -> PairData:
+    """Preference pairs of `cfg.data` for `stage` (train-rm, dpo): comparisons or HH format (conversational
+    pairs are rendered by `chat()` into comparisons)."""
+    split, fmt = load_formatted(cfg.data, kind="pairs", seed=cfg.seed, chat=chat)
     if fmt not in ("comparisons", "hh"):
         raise UserError(f"{stage} needs preference pairs (comparisons or hh format), but '{cfg.data.source}' "
                         f"is in {fmt} format")
@@ -303,7 +329,26 @@ def _load_dir(path: Path, data_cfg) -> dict[str, list[dict]]:
         if isinstance(ds, datasets.DatasetDict):
             return {k: _to_rows(v) for k, v in ds.items()}
         return {"train": _to_rows(ds)}
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    out = _load_files(sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")))
+    if not out:
+        raise UserError(f"directory {path} holds no saved dataset and no .json/.jsonl/.parquet/.csv/.arrow files")
+    return out
+
+
+def _load_shards(pattern: str) -> dict[str, list[dict]]:
+    """A glob of shards (`data/train-*.parquet`), read in name order, split by name as a directory's files."""
+    import glob
+
+    files = [Path(p) for p in sorted(glob.glob(str(Path(pattern).expanduser()))) if Path(p).is_file()]
+    out = _load_files(files, default_split="train")
+    if not out:
+        raise UserError(f"data source '{pattern}' matches no .json/.jsonl/.parquet/.csv/.arrow file")
+    return out
+
+
+def _load_files(files: list[Path], default_split: str | None = None) -> dict[str, list[dict]]:
+    """Rows of each readable file, grouped by the split its name holds (train-00001.parquet: train), else
+    `default_split`, else its own name."""
     out: dict[str, list[dict]] = {}
     for f in files:
         try:
@@ -311,10 +356,8 @@ def _load_dir(path: Path, data_cfg) -> dict[str, list[dict]]:
         except UserError:
             continue
         name = f.name.split(".")[0]
-        split = next((s for s in ("train", "test", "valid", "validation") if s in name), name)
+        split = next((s for s in ("train", "test", "valid", "validation") if s in name), default_split or name)
         out.setdefault(split, []).extend(_load_local_file(f))
-    if not out:
-        raise UserError(f"directory {path} holds no saved dataset and no .json/.jsonl/.parquet/.csv files")
     return out
 
 

@@ -293,6 +293,22 @@ def generate(task: str, n: int, seed: int, kind: str = "sft", label_noise: float
     return rows
 
 
+def conversational(rows: list[dict]) -> list[dict]:
+    """TL;DR rows of `generate` in TRL's conversational formats: an SFT row becomes `messages` (the post as the
+    user turn, the summary as the assistant's), a pair becomes `prompt` / `chosen` / `rejected` messages.
+    The rendered prompt still holds the post, so the gold scorer reads it as before."""
+    def user(text):
+        return [{"role": "user", "content": text}]
+
+    def assistant(text):
+        return [{"role": "assistant", "content": text.strip()}]
+
+    if rows and "chosen" in rows[0]:
+        return [{"prompt": user(r["prompt"]), "chosen": assistant(r["chosen"]), "rejected": assistant(r["rejected"])}
+                for r in rows]
+    return [{"messages": user(r["prompt"]) + assistant(r["label"])} for r in rows]
+
+
 def best_completion(task: str, prompt: str) -> str:
     """The gold-optimal completion of a synthetic prompt (scores BEST_SCORE)."""
     facts = extract_facts(prompt)

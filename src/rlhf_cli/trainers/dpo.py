@@ -92,7 +92,7 @@ def plan(cfg, out: Path) -> dict:
                   "reference": "precomputed log-probs (cached)" if cfg.precompute_ref_logps else "frozen copy of the policy"}
     if common.plan_without_download(cfg, info, src):
         return info
-    data = load_pair_data(cfg, "dpo")
+    data = load_pair_data(cfg, "dpo", common.chat_renderer(cfg, cfg.policy_source))
     tok, model = _load_policy(cfg, src)
     feats = featurize(tok, data.train, cfg.data)
     steps, _ = common.total_steps(cfg.train, len(feats), world_size)
@@ -115,7 +115,7 @@ class DPOStage(Stage):
 
     def prepare_data(self) -> None:
         cfg = self.cfg
-        self.data = load_pair_data(cfg, "dpo")
+        self.data = load_pair_data(cfg, "dpo", common.chat_renderer(cfg, cfg.policy_source))
         start = str(self.resume_from) if self.resume_from is not None else cfg.policy_source
         self.tokenizer, self._model = _load_policy(cfg, start)
         limit = max_positions(self._model)

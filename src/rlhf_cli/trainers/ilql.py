@@ -61,7 +61,8 @@ def _from_pairs(pairs, gold: bool) -> list[tuple[str, str, float]]:
 def load_samples(cfg) -> Samples:
     """(prompt, completion, reward) samples: rewarded rows as they are, or made from preference pairs;
     and the held-out prompts (with the chosen completion as reference)."""
-    split, fmt = load_formatted(cfg.data, kind="pairs", seed=cfg.seed)
+    split, fmt = load_formatted(cfg.data, kind="pairs", seed=cfg.seed,
+                                chat=common.chat_renderer(cfg, cfg.policy_source))
     if fmt == "rewarded":
         train, held = _rewarded(split.train, cfg.data.source), _rewarded(split.eval, cfg.data.source)
         held_prompts = [(p, None) for p, _, _ in held]
@@ -178,7 +179,7 @@ class ILQLStage(Stage):
         cfg, data, policy = self.cfg, self.data, self.policy
         vocab = policy.get_output_embeddings().weight.shape[0]
         heads = (ILQLHeads.load(self.resume_from) if self.resume_from is not None
-                 else ILQLHeads(hidden_size(policy.config), vocab, cfg.ilql.two_qs))
+                 else ILQLHeads(hidden_size(policy), vocab, cfg.ilql.two_qs))
         self.make_batcher([len(f["input_ids"]) for f in self.feats])
         self.manifest = {"parent": ck.parent_info(cfg.policy_source),
                          "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,

@@ -21,7 +21,7 @@ from ..losses.ppo import token_logprobs
 from ..models import load_trained_policy, max_positions
 from ..rewards import make_reward
 from ..sampling import ResponseBatch, collate_responses, generate, sample
-from . import sft
+from . import common, sft
 from .loop import fit
 
 
@@ -41,7 +41,8 @@ def load_prompts(cfg) -> PromptData:
 
     Plain text (format text, e.g. movie reviews) gives prompts of its first `ppo.prompt_words` words.
     """
-    split, fmt = load_formatted(cfg.data, kind="sft", seed=cfg.seed)
+    split, fmt = load_formatted(cfg.data, kind="sft", seed=cfg.seed,
+                                chat=common.chat_renderer(cfg, cfg.policy_source))
 
     def pairs(rows):
         examples, _ = formats.sft_examples(rows, fmt)
@@ -107,7 +108,8 @@ class Scorer:
         if not self.delta:
             return raw, raw
         if any(r is None for r in refs):
-            raise UserError("reward.delta needs a reference completion for every prompt; this data has none")
+            raise UserError("reward.delta needs a reference completion for every prompt, and this data has none; "
+                            "set reward.delta=false")
         return [a - b for a, b in zip(raw, self.reference_scores(prompts, refs))], raw
 
 

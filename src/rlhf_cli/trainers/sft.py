@@ -15,7 +15,7 @@ import torch
 from .. import checkpoint as ck
 from ..data import formats
 from ..data.sources import load_formatted
-from ..data.tokenize import collate_sft, sft_features
+from ..data.tokenize import chat_features, collate_sft, sft_features
 from ..errors import UserError
 from ..losses.sft import sft_loss
 from ..metrics import generation_metrics
@@ -35,7 +35,8 @@ class SFTData:
 
 
 def load_sft_data(cfg) -> SFTData:
-    split, fmt = load_formatted(cfg.data, kind="sft", seed=cfg.seed)
+    split, fmt = load_formatted(cfg.data, kind="sft", seed=cfg.seed,
+                                chat=common.chat_renderer(cfg, cfg.model.name_or_path))
     if fmt == "prompt":
         raise UserError(f"sft needs completions to imitate, but '{cfg.data.source}' holds prompts only")
     train, dropped = formats.sft_examples(split.train, fmt)
@@ -57,7 +58,8 @@ def label_nll(model, input_ids, attention_mask, labels):
 
 
 def featurize(tokenizer, examples, data_cfg) -> tuple[list[dict], int]:
-    feats = [sft_features(tokenizer, e.prompt, e.completion, data_cfg.max_length, data_cfg.max_prompt_length)
+    feats = [chat_features(tokenizer, e.segments, data_cfg.max_length) if e.segments else
+             sft_features(tokenizer, e.prompt, e.completion, data_cfg.max_length, data_cfg.max_prompt_length)
              for e in examples]
     return feats, sum(f["prompt_truncated"] for f in feats)
 
@@ -93,7 +95,7 @@ def plan(cfg, out: Path) -> dict:
         return info
     data = load_sft_data(cfg)
     name = cfg.model.name_or_path
-    tok, model = load_policy(cfg, [e.prompt + e.completion for e in data.train])
+    tok, model = load_policy(cfg, [e.text for e in data.train])
     feats, truncated = featurize(tok, data.train, cfg.data)
     steps, _ = common.total_steps(cfg.train, len(feats), world_size)
     mean_len = sum(len(f["input_ids"]) for f in feats) / len(feats)
@@ -123,7 +125,7 @@ class SFTStage(Stage):
             rcfg.model.name_or_path, rcfg.tokenizer.name_or_path = str(self.resume_from), str(self.resume_from)
             self.tokenizer, self._model = load_policy(rcfg)
         else:
-            self.tokenizer, self._model = load_policy(self.cfg, [e.prompt + e.completion for e in self.data.train])
+            self.tokenizer, self._model = load_policy(self.cfg, [e.text for e in self.data.train])
         limit = max_positions(self._model)
         if limit and self.cfg.data.max_length > limit:
             raise UserError(f"data.max_length ({self.cfg.data.max_length}) exceeds the model's {limit} positions")

@@ -110,7 +110,7 @@ def plan(cfg, out: Path) -> dict:
     name = cfg.init_source
     if common.plan_without_download(cfg, info, name):
         return info
-    data = load_pair_data(cfg, "train-rm")
+    data = load_pair_data(cfg, "train-rm", common.chat_renderer(cfg, cfg.init_source))
     tok, model = _load(cfg, data, None)
     frozen = frozen_block_count(model, cfg.freeze_fraction)
     feats = featurize(tok, data.train, cfg.data)
@@ -140,7 +140,7 @@ class RewardModelStage(Stage):
 
     def prepare_data(self) -> None:
         cfg = self.cfg
-        self.data = load_pair_data(cfg, "train-rm")
+        self.data = load_pair_data(cfg, "train-rm", common.chat_renderer(cfg, cfg.init_source))
         self.tokenizer, self._model = _load(cfg, self.data, self.resume_from)
         limit = max_positions(self._model)
         if limit and cfg.data.max_length > limit:
