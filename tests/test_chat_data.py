@@ -246,3 +246,12 @@ def test_the_synthetic_task_as_conversational_rows_keeps_its_gold_scorer(tok):
     assert synthetic.gold_score(row["prompt"], plain["label"]) == synthetic.gold_score(plain["prompt"], plain["label"])
     pairs, fmt = load_formatted(cfg, "pairs", 0, chat=lambda: render(tok))
     assert fmt == "comparisons" and pairs.train[0]["chosen"].endswith("<|im_end|>\n")
+
+
+def test_rouge_reads_a_rendered_reference_as_the_completion_was_decoded(tok):
+    from rlhf_cli.metrics import rouge
+
+    reference = render(tok).reply([user("Hi")], [assistant("my cousin stole my watch.")], "row 0")[1]
+    assert reference == "my cousin stole my watch.<|im_end|>\n"
+    assert rouge(["my cousin stole my watch."], [reference], tok)["rouge1"] == 1.0
+    assert rouge(["my cousin stole my watch."], [reference])["rouge1"] < 1.0  # "im", "end" counted as missed words

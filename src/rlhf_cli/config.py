@@ -82,7 +82,8 @@ class DataConfig(Section):
     )
     chat_template: str | None = Field(
         None, description="A Jinja chat template file (.jinja) for conversational data: supplies or overrides the "
-        "tokenizer's, and is saved with the trained tokenizer. Relative to the config file.")
+        "tokenizer's, and is saved with the trained tokenizer. Relative to the config file. The tiny model's "
+        "default: ChatML.")
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename columns to the schema's names, e.g. {prompt: post}."
     )

@@ -12,8 +12,13 @@ from .data.tokenize import encode_prompt
 from .sampling import generate
 
 
-def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F-measure (stemmed), as `evaluate`'s rouge metric reports it, computed offline."""
+def rouge(predictions: list[str], references: list[str], tokenizer=None) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure (stemmed), as `evaluate`'s rouge metric reports it, computed offline.
+    With `tokenizer`, the references are read as the predictions were decoded (special tokens dropped): a
+    chat template's end-of-turn (`<|im_end|>`) in a rendered reference is not a word a summary misses."""
+    if tokenizer is not None:
+        ids = tokenizer(list(references), add_special_tokens=False)["input_ids"]
+        references = tokenizer.batch_decode(ids, skip_special_tokens=True)
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     for pred, ref in zip(predictions, references):
@@ -52,7 +57,7 @@ def generation_metrics(model, tokenizer, prompts: list[str], references: list[st
     ids = [encode_prompt(tokenizer, p, cfg.data.max_prompt_length)[0] for p in prompts]
     outs = generate(model, tokenizer, ids, ev.generation, ev.batch_size, ev.seed, progress)
     texts = tokenizer.batch_decode(outs, skip_special_tokens=True)
-    metrics = {f"eval/{k}": v for k, v in rouge(texts, references).items()}
+    metrics = {f"eval/{k}": v for k, v in rouge(texts, references, tokenizer).items()}
     metrics["eval/response_length"] = sum(len(o) for o in outs) / len(outs)
     gold = gold_scores(prompts, texts)
     if gold is not None:

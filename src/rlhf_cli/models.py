@@ -175,6 +175,10 @@ def load_policy(cfg, train_texts=None):
     return with_chat_template(tok, cfg), model
 
 
+# the tiny model's chat template when its data is conversational (its tokenizer is ours to give one)
+TINY_CHAT_TEMPLATE = Path(__file__).resolve().parent / "stage_configs" / "chatml.jinja"
+
+
 def with_chat_template(tok, cfg):
     """`data.chat_template` becomes the tokenizer's own, so the checkpoint's tokenizer renders prompts the
     way its policy was trained (for the next stage and for plain transformers)."""

@@ -86,7 +86,7 @@ def evaluate_checkpoints(ckpts: list[str], pairs, gen_cfg, *, reward=None, ref: 
             outs = generate(model, tok, queries, gen_cfg, batch_size, seed, progress)
         texts = tok.batch_decode(outs, skip_special_tokens=True)
         name = path + (f" (beta {beta:g})" if steer else "")
-        row, scores = _scores(name, prompts, refs, texts, reward, ref_scores, use_rouge)
+        row, scores = _scores(name, prompts, refs, texts, reward, ref_scores, use_rouge, tok)
         # KL(pi || ref) estimated on pi's own samples: mean over samples of sum_t log pi - log ref
         with_eos = [o + [tok.eos_token_id] if len(o) < gen_cfg.max_new_tokens else o for o in outs]
         row.update(reference.kl(model, tok, queries, with_eos, batch_size))
@@ -107,12 +107,12 @@ def prompt_room(model, path: str, max_prompt_length: int, max_new_tokens: int) -
     return min(max_prompt_length, limit - max_new_tokens)
 
 
-def _scores(name: str, prompts, refs, texts, reward, ref_scores, use_rouge: bool) -> tuple[dict, dict]:
+def _scores(name: str, prompts, refs, texts, reward, ref_scores, use_rouge: bool, tok) -> tuple[dict, dict]:
     """A checkpoint's row of ROUGE, reward (and delta) and gold; and its per-sample reward and gold."""
     row: dict = {"checkpoint": name, "n": len(texts)}
     per_sample: dict = {}
     if use_rouge and all(refs):
-        row.update(rouge(texts, refs))
+        row.update(rouge(texts, refs, tok))
     if reward is not None:
         per_sample["reward"] = scores = reward.score(prompts, texts)
         row["reward"], row["reward_stderr"] = mean_and_stderr(scores)

@@ -107,4 +107,4 @@ def test_a_malformed_preference_row_is_explained_not_just_counted(tmp_path):
                 "--output-dir", str(tmp_path / "o"), "--set", f"data.source={p}")
     assert r.exit_code == 2, r.output
     assert ("has no usable pairs (7 malformed, 0 with chosen == rejected); e.g. training row 0: 'chosen' is "
-            "dict, not text") in " ".join(r.output.split())
+            "a dict, not text") in " ".join(r.output.split())

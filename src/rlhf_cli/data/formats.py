@@ -97,8 +97,10 @@ def why_malformed(row: dict, fmt: str) -> str | None:
     """What is wrong with a preference row that `pair_examples` drops as malformed, in words; None if nothing."""
     for col in REQUIRED[fmt]:
         value = row.get(col)
+        if value is None:
+            return f"'{col}' is missing"
         if not isinstance(value, str):
-            return f"'{col}' is {type(value).__name__}, not text"
+            return f"'{col}' is a {type(value).__name__}, not text"
     return None
 
 

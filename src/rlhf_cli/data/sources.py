@@ -16,7 +16,7 @@ from . import chat as chat_mod
 from . import formats, synthetic
 
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-GLOB_CHARS = "*?["
+GLOB_CHARS = "*?"  # not "[": a folder may be named so
 
 
 @dataclass

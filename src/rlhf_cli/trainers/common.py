@@ -127,17 +127,22 @@ def plan_without_download(cfg, info: dict, model_name: str) -> dict | None:
 def chat_renderer(cfg, source: str):
     """What renders the stage's conversational data: a function giving the `chat.Renderer` of the tokenizer
     the stage trains with (`tokenizer.name_or_path`, else `source`: its model), `data.chat_template` first.
-    The tiny model's tokenizer is trained later, on the rendered text: its special tokens are known."""
+    The tiny model's tokenizer is trained later, on the rendered text: its special tokens are known, and its
+    template is ChatML unless data.chat_template names another. After a call, `.template` is the one used."""
     def make():
         from ..data import chat
-        from ..models import EOS, PAD, load_tokenizer
+        from ..models import EOS, PAD, TINY_CHAT_TEMPLATE, load_tokenizer
 
         name = cfg.tokenizer.name_or_path or source
         if name == "tiny":
-            return chat.renderer(None, {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS, "pad_token": PAD},
-                                 "the tiny model", cfg.data.chat_template)
-        tok = load_tokenizer(name, cfg.model.trust_remote_code, cfg.model.revision)
-        return chat.from_tokenizer(tok, name, cfg.data.chat_template)
+            r = chat.renderer(None, {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS, "pad_token": PAD},
+                              "the tiny model", cfg.data.chat_template or str(TINY_CHAT_TEMPLATE))
+        else:
+            tok = load_tokenizer(name, cfg.model.trust_remote_code, cfg.model.revision)
+            r = chat.from_tokenizer(tok, name, cfg.data.chat_template)
+        make.template = r.template
+        return r
+    make.template = None
     return make
 
 

@@ -125,7 +125,7 @@ def evaluate(core, tok, data: Samples, cfg, progress, betas=None) -> tuple[dict,
         if gold is not None:
             metrics[f"{key}/gold"], metrics[f"{key}/gold_stderr"] = mean_and_stderr(gold)
         if all(r is not None for r in refs):
-            metrics[f"{key}/rouge1"] = rouge(texts, refs)["rouge1"]
+            metrics[f"{key}/rouge1"] = rouge(texts, refs, tok)["rouge1"]
         metrics[f"{key}/response_length"] = sum(len(o) for o in outs) / len(outs)
         for s, t, gs in zip(samples, texts, gold or [None] * len(texts)):
             s[f"beta={beta:g}"] = t if gs is None else {"completion": t, "gold": gs}

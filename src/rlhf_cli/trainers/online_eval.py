@@ -53,7 +53,7 @@ def evaluate(model, reference, tok, data: PromptData, scorer: Scorer, cfg, devic
     kls = sequence_kls(model.policy, reference, tok.pad_token_id, queries, responses, cfg.eval.batch_size, device)
     m["eval/kl"], m["eval/kl_stderr"] = mean_and_stderr(kls)
     if all(r is not None for r in refs):
-        m.update({f"eval/{k}": v for k, v in rouge(texts, refs).items()})
+        m.update({f"eval/{k}": v for k, v in rouge(texts, refs, tok).items()})
     m["eval/response_length"] = sum(len(r) for r in responses) / len(responses)
     model.train(was)
     samples = [{"prompt": p, "completion": t, "reward": s, "kl": k, **({"reference": r} if r is not None else {}),

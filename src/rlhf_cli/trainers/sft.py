@@ -32,11 +32,12 @@ class SFTData:
     fmt: str
     fingerprint: str
     notes: list[str]
+    chat_template: str | None = None  # the template conversational rows were rendered by
 
 
 def load_sft_data(cfg) -> SFTData:
-    split, fmt = load_formatted(cfg.data, kind="sft", seed=cfg.seed,
-                                chat=common.chat_renderer(cfg, cfg.model.name_or_path))
+    chat = common.chat_renderer(cfg, cfg.model.name_or_path)
+    split, fmt = load_formatted(cfg.data, kind="sft", seed=cfg.seed, chat=chat)
     if fmt == "prompt":
         raise UserError(f"sft needs completions to imitate, but '{cfg.data.source}' holds prompts only")
     train, dropped = formats.sft_examples(split.train, fmt)
@@ -45,7 +46,15 @@ def load_sft_data(cfg) -> SFTData:
         train = train[: cfg.data.max_examples]
     if not train:
         raise UserError(f"dataset '{cfg.data.source}' has no usable examples ({dropped} rows were empty)")
-    return SFTData(train, held, dropped + dropped_eval, fmt, split.fingerprint(), split.notes)
+    return SFTData(train, held, dropped + dropped_eval, fmt, split.fingerprint(), split.notes, chat.template)
+
+
+def load_sft_policy(cfg, data: SFTData):
+    """The policy to train and its tokenizer, which keeps the chat template its data was rendered by."""
+    tok, model = load_policy(cfg, [e.text for e in data.train])
+    if data.chat_template:
+        tok.chat_template = data.chat_template
+    return tok, model
 
 
 def label_nll(model, input_ids, attention_mask, labels):
@@ -95,7 +104,7 @@ def plan(cfg, out: Path) -> dict:
         return info
     data = load_sft_data(cfg)
     name = cfg.model.name_or_path
-    tok, model = load_policy(cfg, [e.text for e in data.train])
+    tok, model = load_sft_policy(cfg, data)
     feats, truncated = featurize(tok, data.train, cfg.data)
     steps, _ = common.total_steps(cfg.train, len(feats), world_size)
     mean_len = sum(len(f["input_ids"]) for f in feats) / len(feats)
@@ -125,7 +134,7 @@ class SFTStage(Stage):
             rcfg.model.name_or_path, rcfg.tokenizer.name_or_path = str(self.resume_from), str(self.resume_from)
             self.tokenizer, self._model = load_policy(rcfg)
         else:
-            self.tokenizer, self._model = load_policy(self.cfg, [e.text for e in self.data.train])
+            self.tokenizer, self._model = load_sft_policy(self.cfg, self.data)
         limit = max_positions(self._model)
         if limit and self.cfg.data.max_length > limit:
             raise UserError(f"data.max_length ({self.cfg.data.max_length}) exceeds the model's {limit} positions")
