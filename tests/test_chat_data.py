@@ -160,8 +160,9 @@ BAD = {
                           r"training row 0 of .*: the conversation in 'messages' has no assistant turn"),
     "unknown_role": ([{"messages": [user("Hi"), {"role": "bot", "content": "Hello"}]}], True,
                      r"message 1 of 'messages' has the unknown role 'bot' \(roles: system, developer, user"),
+    # the tiny model's own tokenizer renders with ChatML; GPT-2's real tokenizer has no template
     "no_template": ([{"messages": [user("Hi"), assistant("Hello")]}], False,
-                    r"the data is conversational but the tokenizer of the tiny model has no chat template; give one "
+                    r"the data is conversational but the tokenizer of .*gpt2_tokenizer has no chat template; give one "
                     r"with --set data.chat_template=FILE.jinja"),
     "mixed_formats": ([{"prompt": "a", "completion": "b"}] * 3 + [{"text": "c"}], False,
                       r"training row 3 of .* is in text format \(text\) but the file's first rows are in completion format; "
@@ -180,6 +181,8 @@ def test_bad_conversational_input_is_one_sentence_and_writes_nothing(case, tmp_p
         pattern = pattern.replace("training row 3", r"(training|held-out) row \d+")  # numbered within its split
     (tmp_path / "t.jinja").write_text(CHATML)
     extra = ["--set", f"data.chat_template={tmp_path / 't.jinja'}"] if template else []
+    if case == "no_template":
+        extra = ["--set", f"tokenizer.name_or_path={SHARED / 'gpt2_tokenizer'}"]
     from conftest import assert_one_sentence
 
     r = run_cli("sft", "--config", SFT_CONFIG, *MICRO, "--data", str(data), "--output-dir", str(tmp_path / "out"), *extra)

@@ -1,5 +1,5 @@
 """Every stage on every causal-LM family, no list of names in the code: tiny random-init models of each
-family (tests/tiny_families.py) run sft -> train-rm -> dpo, ilql, ppo -> eval, and every checkpoint loads
+family (tests/tiny_families.py) run sft -> train-rm -> dpo, ilql, ppo -> eval -> score, and every checkpoint loads
 in plain transformers as the family's own class. The wide matrix is `make test-slow`; the fast suite runs
 GPT-2 and Llama (with every warning recorded: none is a deprecation; transformers 5.24 deprecates
 `past_key_values=` for `cache=`, our calls use the new keyword) and OPT, whose blocks sit one level deeper."""
@@ -58,6 +58,14 @@ def run_every_stage(base: str, tmp_path) -> dict:
     result = run_eval(EvalRequest(ckpts, num_samples=2, max_new_tokens=4, reward=True, reward_ckpt=str(rm),
                                   beta=1.0, output_dir=tmp_path / "eval"), None)
     assert len(result.rows) == len(ckpts)
+    from rlhf_cli.report import score_file
+    from rlhf_cli.rewards import make_reward
+
+    rows = tmp_path / "eval" / "to_score.jsonl"  # `rlhf score` of the eval's own samples by the family's RM
+    rows.write_text("".join(json.dumps({"prompt": s["prompt"], "completion": s[str(sft)]["completion"]}) + "\n"
+                            for s in map(json.loads, (tmp_path / "eval" / "samples.jsonl").open())))
+    scores = score_file(rows, make_reward(str(rm), None, None, batch_size=2))
+    assert len(scores) == 2 and all(s == s for s in scores)  # finite, not NaN
     return {"sft": sft, "train-rm": rm, "dpo": dpo, "ilql": ilql, "ppo": ppo}
 
 
