@@ -50,8 +50,8 @@ def test_train_dpo_on_rows_in_memory(sft_ckpt, tmp_path):
 def test_bad_input_is_one_sentence(tmp_path):
     from rlhf_cli import train
 
-    with pytest.raises(UserError, match="unknown stage 'grpo'"):
-        train("grpo", output_dir=tmp_path / "x")
+    with pytest.raises(UserError, match="unknown stage 'gpro'"):
+        train("gpro", output_dir=tmp_path / "x")
     with pytest.raises(UserError, match="unknown key 'train.learnin_rate'"):
         train("sft", overrides={"train.learnin_rate": 1e-3}, output_dir=tmp_path / "x")
     with pytest.raises(UserError, match="sft needs completions"):

@@ -59,11 +59,11 @@ def resolve(stage: str, config: str | Path | None = None, overrides: list[str] |
 
 
 def fill_defaults(cfg: StageConfig) -> list[str]:
-    """Defaults taken from the checkpoints a run is given, each said in a note: PPO without a policy
+    """Defaults taken from the checkpoints a run is given, each said in a note: PPO or GRPO without a policy
     starts from the reward model's own parent (the SFT checkpoint it was trained from)."""
     notes = []
     ckpt = getattr(getattr(cfg, "reward", None), "ckpt", None)
-    if cfg.stage == "ppo" and cfg.policy is None and cfg.model.name_or_path == "tiny" and ckpt:
+    if cfg.stage in ("ppo", "grpo") and cfg.policy is None and cfg.model.name_or_path == "tiny" and ckpt:
         parent = ((ck.read_manifest(Path(ckpt).expanduser()) or {}).get("parent") or {}).get("path")
         if parent and Path(parent).is_dir():
             cfg.policy = parent

@@ -376,6 +376,21 @@ def ppo(config: ConfigOpt = None, policy: PolicyOpt = None, model: ModelOpt = No
                policy=policy, reward__delta=delta, **reward, model__trust_remote_code=trust_remote_code or None)
 
 
+@app.command(epilog="Example: rlhf grpo --config tldr_grpo.yaml --policy runs/sft --reward-ckpt runs/rm "
+             "--output-dir runs/grpo")
+def grpo(config: ConfigOpt = None, policy: PolicyOpt = None, model: ModelOpt = None, data: DataOpt = None,
+         reward_ckpt: RewardCkptOpt = None, reward_fn: RewardFnOpt = None, reward_url: RewardUrlOpt = None,
+         set_: SetOpt = None, preset: PresetOpt = None, output_dir: OutOpt = None, resume: ResumeOpt = False,
+         overwrite: OverwriteOpt = False, dry_run: DryRunOpt = False, seed: SeedOpt = None, trust_remote_code: TrustOpt = False,
+         debug: DebugOpt = False):
+    """Critic-free online RL (GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++): G completions per prompt, group advantages."""
+    given = any((reward_ckpt, reward_fn, reward_url))
+    reward = {f"reward__{k}": v or CLEAR for k, v in (("ckpt", reward_ckpt), ("fn", reward_fn), ("url", reward_url),
+                                                    ("classifier", None))} if given else {}
+    _run_stage("grpo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug, model, data,
+               policy=policy, **reward, model__trust_remote_code=trust_remote_code or None)
+
+
 @app.command("eval", epilog="Example: rlhf eval --ckpt runs/sft --ckpt runs/ppo --rouge --reward --reward-ckpt runs/rm "
              "--output-dir runs/eval")
 def eval_(
@@ -424,7 +439,7 @@ app.add_typer(config_app, name="config")
 
 
 @config_app.command("show", epilog="Example: rlhf config show ppo")
-def config_show(stage: Annotated[str, typer.Argument(help="sft, train-rm, dpo, ppo or ilql.")], debug: DebugOpt = False):
+def config_show(stage: Annotated[str, typer.Argument(help="sft, train-rm, dpo, ppo, ilql or grpo.")], debug: DebugOpt = False):
     """Every key of STAGE's config, with its type, default and description (set any with --set key=value)."""
     def go():
         from rich.table import Table

@@ -275,6 +275,10 @@ class PPOMethodConfig(Section):
     prompt_words: int = Field(4, ge=1, description="For plain-text data: prompts are the first N words of each text.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Rollout sampling kwargs.")
 
+    @property
+    def passes(self) -> int:  # passes over an iteration's rollouts (the rollout engine's name for it)
+        return self.ppo_epochs
+
 
 class PPOConfig(PolicyStageConfig):
     stage: Literal["ppo"] = "ppo"
@@ -282,6 +286,55 @@ class PPOConfig(PolicyStageConfig):
                                 "steps on the data's text (the stand-in for a pretrained LM such as gpt2-imdb).")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Where rewards come from.")
     ppo: PPOMethodConfig = Field(default_factory=PPOMethodConfig, description="PPO hyper-parameters (trlx names).")
+
+    @property
+    def online(self) -> PPOMethodConfig:  # what the shared rollout engine reads
+        return self.ppo
+
+
+class GRPOMethodConfig(Section):
+    num_generations: int = Field(8, ge=1, description="Completions per prompt (G); advantages are relative to the group.")
+    num_rollouts: int = Field(128, ge=1, description="Completions per iteration over all processes (prompts x G).")
+    chunk_size: int = Field(4, ge=1, description="Prompts per generation call (each sampled G times).")
+    num_iterations: int = Field(1, ge=1, description="Passes over each iteration's completions (TRL's mu).")
+    advantage: Literal["grpo", "rloo", "reinforce_pp"] = Field(
+        "grpo", description="grpo: (r - group mean) / group std; rloo: leave-one-out baseline; reinforce_pp: "
+        "group mean subtracted, then whitened over the batch (REINFORCE++ baseline).")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="grpo advantages: divide by the group's std, the batch's, or not at all (Dr. GRPO).")
+    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = Field(
+        "dapo", description="grpo: mean of per-completion token means; bnpo / dapo: token mean over the step's "
+        "batch; dr_grpo: token sum / (completions x max_new_tokens).")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Clip epsilon of the importance ratio (lower side).")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clip epsilon (DAPO's clip-higher, e.g. 0.28); "
+                                       "null: epsilon.")
+    importance: Literal["token", "sequence"] = Field("token", description="Importance ratio per token, or per "
+                                                     "completion (GSPO: exp of the mean log-ratio).")
+    beta: float = Field(0.0, ge=0, description="Weight of the k3 KL to the reference in the loss; 0: no reference "
+                        "model is loaded (eval then reports no KL).")
+    mask_truncated_completions: bool = Field(False, description="Completions that reach max_new_tokens without EOS "
+                                             "add nothing to the loss (DAPO's overlong filtering).")
+    stop_sequences: list[str] = Field(default_factory=list, description="Cut a completion at the first of these "
+                                      "strings and end it with EOS.")
+    prompt_words: int = Field(4, ge=1, description="For plain-text data: prompts are the first N words of each text.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Rollout sampling kwargs.")
+
+    @property
+    def passes(self) -> int:
+        return self.num_iterations
+
+
+class GRPOConfig(PolicyStageConfig):
+    stage: Literal["grpo"] = "grpo"
+    init_sft_steps: int = Field(0, ge=0, description="When the policy is 'tiny', first train it with this many SFT "
+                                "steps on the data's text.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Where rewards come from.")
+    grpo: GRPOMethodConfig = Field(default_factory=GRPOMethodConfig, description="GRPO-family hyper-parameters "
+                                   "(TRL's names).")
+
+    @property
+    def online(self) -> GRPOMethodConfig:
+        return self.grpo
 
 
 class ILQLMethodConfig(Section):
@@ -307,7 +360,7 @@ class ILQLConfig(PolicyStageConfig):
 
 
 CONFIGS: dict[str, type[StageConfig]] = {"sft": SFTConfig, "train-rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig,
-                                         "ilql": ILQLConfig}
+                                         "ilql": ILQLConfig, "grpo": GRPOConfig}
 LEGACY_NAMES = {"rm": "train-rm"}  # `stage: rm` in configs written before the stage had one name
 
 

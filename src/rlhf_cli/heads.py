@@ -89,6 +89,31 @@ class PolicyWithValueHead(nn.Module):
         return True
 
 
+class PolicyOnly(nn.Module):
+    """A policy trained without a critic (GRPO family), in PolicyWithValueHead's shape for the rollout engine:
+    `value_head` is None and the values are 0. Saves as the plain causal LM."""
+
+    value_head = None
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def forward(self, input_ids, attention_mask, num_logits: int):
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids(attention_mask), use_cache=False, logits_to_keep=num_logits).logits
+        return logits, torch.zeros(logits.shape[:2], device=logits.device)
+
+    def save_pretrained(self, dest, state_dict=None, safe_serialization=True, **kw):
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        self.policy.save_pretrained(dest, state_dict={k.removeprefix("policy."): v for k, v in state_dict.items()},
+                                    safe_serialization=True)
+
+
 class Reference:
     """The frozen initial policy for the KL penalty, storing only what training changes.
 

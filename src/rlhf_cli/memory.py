@@ -78,6 +78,8 @@ def _estimate(cfg, size, n: int, zero: int, short: bool = False) -> str:
         extra = 2 * params  # frozen bf16 reference
     elif stage == "ppo":  # reference: a copy of what trains (a whole copy under ZeRO-3) + a same-size reward model
         extra = (4 * params if zero >= 3 else 4 * trainable) + 2 * params
+    elif stage == "grpo":  # a reward model of the policy's size; a full reference copy only when beta > 0
+        extra = 2 * params + (4 * params if cfg.grpo.beta else 0)
     elif stage == "ilql":
         extra = 0.1 * params  # Q / target / V heads (vocabulary-wide), roughly
     total = (per + extra) / GiB

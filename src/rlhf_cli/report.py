@@ -274,7 +274,7 @@ def eval_data(req: EvalRequest) -> DataConfig:
     return data_cfg
 
 
-POLICY_STAGES = ("sft", "ppo", "dpo", "ilql")  # sft first: the baseline column
+POLICY_STAGES = ("sft", "ppo", "grpo", "dpo", "ilql")  # sft first: the baseline column
 
 
 def fill_request(req: EvalRequest, runs: Path = Path("runs")) -> list[str]:

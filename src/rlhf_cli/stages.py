@@ -10,7 +10,7 @@ from typing import Callable
 
 from .config import CONFIGS, StageConfig
 from .errors import UserError
-from .trainers import dpo, ilql, ppo, sft, train_rm
+from .trainers import dpo, grpo, ilql, ppo, sft, train_rm
 from .trainers.stage import Stage
 
 
@@ -36,6 +36,9 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
               "KL penalty."),
     StageSpec("ilql", CONFIGS["ilql"], ilql.ILQLStage, ilql.plan, "policy",
               "Offline RL with ILQL: Q/V heads learned from rewarded samples steer generation."),
+    StageSpec("grpo", CONFIGS["grpo"], grpo.GRPOStage, grpo.plan, "policy",
+              "Critic-free online RL (GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++): G completions per prompt, "
+              "advantages relative to the group."),
 )}
 assert set(STAGES) == set(CONFIGS) and all(s.trainer.name == n for n, s in STAGES.items())
 

@@ -40,7 +40,7 @@ def evaluate(model, reference, tok, data: PromptData, scorer: Scorer, cfg, devic
     prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
     queries = [encode_prompt(tok, p, cfg.data.max_prompt_length)[0] for p in prompts]
     responses = generate(model.policy, tok, queries, cfg.eval.generation, cfg.eval.batch_size, cfg.eval.seed,
-                         progress, cfg.ppo.stop_sequences, keep_eos=True, synced_gpus=synced)
+                         progress, cfg.online.stop_sequences, keep_eos=True, synced_gpus=synced)
     texts = tok.batch_decode(responses, skip_special_tokens=True)
     rewards, raw = scorer(prompts, texts, refs) if scorer.delta else (None, scorer.source.score(prompts, texts))
     m: dict = {}
@@ -50,8 +50,10 @@ def evaluate(model, reference, tok, data: PromptData, scorer: Scorer, cfg, devic
     gold = gold_scores(prompts, texts)
     if gold is not None:
         m["eval/gold"], m["eval/gold_stderr"] = mean_and_stderr(gold)
-    kls = sequence_kls(model.policy, reference, tok.pad_token_id, queries, responses, cfg.eval.batch_size, device)
-    m["eval/kl"], m["eval/kl_stderr"] = mean_and_stderr(kls)
+    kls = [None] * len(texts)  # no reference (GRPO with beta 0): no KL
+    if reference is not None:
+        kls = sequence_kls(model.policy, reference, tok.pad_token_id, queries, responses, cfg.eval.batch_size, device)
+        m["eval/kl"], m["eval/kl_stderr"] = mean_and_stderr(kls)
     if all(r is not None for r in refs):
         m.update({f"eval/{k}": v for k, v in rouge(texts, refs, tok).items()})
     m["eval/response_length"] = sum(len(r) for r in responses) / len(responses)

@@ -47,7 +47,7 @@ def load_prompts(cfg) -> PromptData:
     def pairs(rows):
         examples, _ = formats.sft_examples(rows, fmt)
         if fmt == "text":
-            n = cfg.ppo.prompt_words
+            n = cfg.online.prompt_words
             return [(" ".join(e.completion.split()[:n]), None) for e in examples if len(e.completion.split()) > n]
         return [(e.prompt, e.completion or None) for e in examples if e.prompt]  # None: prompt-only data
 
@@ -79,7 +79,7 @@ def warm_up_tiny_policy(cfg, dest: Path, console) -> str:
 def make_reward_source(cfg, device):
     r = cfg.reward
     if not any((r.ckpt, r.fn, r.url, r.classifier)):
-        raise UserError("ppo needs a reward: pass --reward-ckpt runs/rm, --reward-fn module:function or --reward-url")
+        raise UserError(f"{cfg.stage} needs a reward: pass --reward-ckpt runs/rm, --reward-fn module:function or --reward-url")
     return make_reward(r.ckpt, r.fn, r.url, device=r.device or str(device), classifier=r.classifier,
                        positive_label=r.positive_label, batch_size=r.batch_size, max_length=cfg.data.max_length,
                        token_env=r.token_env)
@@ -142,7 +142,7 @@ class Rollouts:
 def iteration_steps(cfg, world_size: int = 1) -> int:
     """Optimizer steps per PPO iteration: ppo_epochs passes over num_rollouts in minibatches."""
     per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
-    return cfg.ppo.ppo_epochs * max(1, cfg.ppo.num_rollouts // (per_step * world_size))
+    return cfg.online.passes * max(1, cfg.online.num_rollouts // (per_step * world_size))
 
 
 def total_iterations(cfg, num_prompts: int, world_size: int = 1) -> int:
@@ -150,37 +150,42 @@ def total_iterations(cfg, num_prompts: int, world_size: int = 1) -> int:
     `num_rollouts` counts the rollouts of one iteration over all processes; each collects its share."""
     if cfg.train.max_steps:
         return max(1, math.ceil(cfg.train.max_steps / iteration_steps(cfg, world_size)))
-    return max(1, math.ceil(cfg.train.epochs * num_prompts / cfg.ppo.num_rollouts))
+    per_prompt = getattr(cfg.online, "num_generations", 1)  # GRPO: G completions of each prompt
+    return max(1, math.ceil(cfg.train.epochs * num_prompts * per_prompt / cfg.online.num_rollouts))
 
 
 def check_batching(cfg, world_size: int = 1) -> None:
     per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world_size
-    if cfg.ppo.num_rollouts < per_step:
-        raise UserError(f"ppo.num_rollouts ({cfg.ppo.num_rollouts}) must be at least train.batch_size x "
+    m, name = cfg.online, cfg.stage
+    if m.num_rollouts < per_step:
+        raise UserError(f"{name}.num_rollouts ({m.num_rollouts}) must be at least train.batch_size x "
                         f"gradient_accumulation_steps x processes ({per_step}), the rollouts of one optimizer step")
-    if cfg.ppo.num_rollouts % world_size:
-        raise UserError(f"ppo.num_rollouts ({cfg.ppo.num_rollouts}) must divide evenly over {world_size} processes")
+    if m.num_rollouts % world_size:
+        raise UserError(f"{name}.num_rollouts ({m.num_rollouts}) must divide evenly over {world_size} processes")
 
 
 def check_lengths(cfg, policy) -> None:
     limit = max_positions(policy)
-    need = cfg.data.max_prompt_length + max(cfg.ppo.generation.max_new_tokens, cfg.eval.generation.max_new_tokens)
+    need = cfg.data.max_prompt_length + max(cfg.online.generation.max_new_tokens, cfg.eval.generation.max_new_tokens)
     if limit and need > limit:
         raise UserError(f"data.max_prompt_length + max_new_tokens ({need}) exceeds the model's {limit} positions")
 
 
 @torch.no_grad()
 def collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, cfg, device, timings,
-                     progress, num_rollouts: int, synced: bool = False) -> Rollouts:
-    """This process's `num_rollouts` rollouts; every process scores its own (no rank-0 bottleneck)."""
-    ppo = cfg.ppo
+                     progress, num_rollouts: int, synced: bool = False, repeats: int = 1) -> Rollouts:
+    """This process's `num_rollouts` rollouts; every process scores its own (no rank-0 bottleneck).
+    `repeats`: completions per prompt, side by side (GRPO's groups). Without a value head the values are 0;
+    without a reference (None) so are its log-probs."""
+    ppo = cfg.online
     queries, responses, texts, prompts, raw, used = [], [], [], [], [], []
     lps, refs_lp, vals = [], [], []
     core.eval()
     task = progress.add_task("rollouts", total=num_rollouts, info="")
     while len(queries) < num_rollouts:
-        idx = prompt_batches.indices(state["prompt_position"])[: num_rollouts - len(queries)]
+        idx = prompt_batches.indices(state["prompt_position"])[: (num_rollouts - len(queries)) // repeats]
         state["prompt_position"] += 1
+        idx = [i for i in idx for _ in range(repeats)]
         chunk = [data.train[i] for i in idx]
         q = ([data.train_ids[i] for i in idx] if data.train_ids is not None
              else [encode_prompt(tok, p, cfg.data.max_prompt_length)[0] for p, _ in chunk])
@@ -205,13 +210,17 @@ def collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, 
         if s is None:
             logits, values = response_outputs(core, b)
             lp = token_logprobs(logits, b.responses)
-        ref = token_logprobs(reference.logits(b.input_ids, b.attention_mask, R + 1)[:, :-1], b.responses)
+        ref = (token_logprobs(reference.logits(b.input_ids, b.attention_mask, R + 1)[:, :-1], b.responses)
+               if reference is not None else torch.zeros(len(q), R, device=device))
         timings["forward"] += time.perf_counter() - t
         for j in range(len(q)):
             n = len(r[j])
             lps.append(s.logprobs[j].to(device) if s is not None else lp[j, :n].float())
             refs_lp.append(ref[j, :n].float())
-            vals.append(s.values[j].to(device) if s is not None else values[j, :n].float())
+            if core.value_head is None:
+                vals.append(torch.zeros(n, device=device))
+            else:
+                vals.append(s.values[j].to(device) if s is not None else values[j, :n].float())
         queries += q
         responses += r
         texts += txt

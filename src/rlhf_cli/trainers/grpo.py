@@ -1,0 +1,246 @@
+"""GRPO family (`rlhf grpo`): critic-free online RL — GRPO (Shao et al. 2024), Dr. GRPO, DAPO, GSPO, RLOO,
+REINFORCE++ — on PPO's rollout engine.
+
+One iteration:
+  1. rollouts: `num_rollouts` completions, G = `num_generations` of each prompt side by side (KV-cached
+     sampling, old log-probs from the sampling pass); with beta > 0, the reference's log-probs;
+  2. score them (reward model / function / URL, optionally minus the reference completion's score);
+  3. advantages from each prompt's group (losses/grpo.py `group_advantages`): no value head, no GAE;
+  4. `num_iterations` passes of the clipped loss (+ beta * k3 KL) over minibatches; the loss is a sum
+     over the step's units (completions or tokens, by `loss_type`) that `fit` divides once per step.
+The math is in losses/grpo.py; this file moves tensors between those functions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as ck
+from ..data.tokenize import encode_prompt
+from ..errors import UserError
+from ..heads import FrozenCopy, PolicyOnly, Reference
+from ..losses.grpo import group_advantages, grpo_loss, mask_truncated
+from ..losses.ppo import entropy, token_logprobs
+from ..models import count_params, disable_dropout, expect_kind, load_causal_lm
+from ..sampling import collate_responses
+from . import common, distributed, rollouts
+from .online_eval import evaluate, mean_gold, show_samples
+from .rollouts import (Scorer, check_lengths, collect_rollouts, iteration_steps, load_policy, load_prompts,
+                       make_reward_source, response_outputs, total_iterations, warm_up_tiny_policy)
+from .stage import Micro, Stage, StepLoss
+
+
+def check_groups(cfg, world_size: int = 1) -> None:
+    """G >= 2, and every process's share of an iteration (and every optimizer step) holds whole groups."""
+    g, n = cfg.grpo.num_generations, cfg.grpo.num_rollouts
+    if g < 2:
+        raise UserError(f"grpo.num_generations is {g}; a group needs at least 2 completions of a prompt to compare")
+    rollouts.check_batching(cfg, world_size)
+    if n % (g * world_size):
+        raise UserError(f"grpo.num_rollouts ({n}) must be a multiple of grpo.num_generations ({g}) x processes "
+                        f"({world_size}): every prompt's group is sampled whole")
+
+
+def plan(cfg, out: Path) -> dict:
+    world_size = cfg.distributed.num_processes
+    src, r, g = cfg.policy_source, cfg.reward, cfg.grpo
+    reward = r.ckpt or r.fn or r.url or r.classifier or "none given (pass --reward-ckpt / --reward-fn / --reward-url)"
+    info: dict = {"output_dir": str(out), "stage": "grpo", "preset": cfg.preset, "policy": src,
+                  "reward": f"{reward}{' minus the reference completion' if r.delta else ''}",
+                  "method": f"advantage {g.advantage} (scale {g.scale_rewards}), loss {g.loss_type}, G {g.num_generations}",
+                  "reference": f"frozen copy, k3 KL x {g.beta}" if g.beta else "none (beta 0)"}
+    check_groups(cfg, world_size)
+    if common.plan_without_download(cfg, info, src):
+        return info
+    data = load_prompts(cfg)
+    iters = total_iterations(cfg, len(data.train), world_size)
+    info.update({"data": f"{cfg.data.source} ({data.fmt}): {len(data.train)} prompts, {len(data.eval)} held-out",
+                 "data_notes": "; ".join(data.notes) or "none", "iterations": iters,
+                 "completions": iters * g.num_rollouts, "optimizer_steps": iters * iteration_steps(cfg, world_size)})
+    if src != "tiny":
+        _, model = load_policy(cfg, src)
+        info["model"] = f"{count_params(model) / 1e6:.2f}M parameters"
+    return info
+
+
+@dataclass
+class Experience:
+    rollouts: rollouts.Rollouts
+    advantages: torch.Tensor  # (N,) one per completion
+    mask: torch.Tensor  # (N, R) response tokens that count in the loss (truncated ones masked if asked)
+    log: dict
+    minibatches: list[list[int]]
+    t_train: float = 0.0
+
+
+def group_stats(scores: torch.Tensor, g: int) -> dict:
+    """TRL's reward diagnostics: mean std within groups, and the share of groups whose rewards are all equal
+    (their advantages are 0: nothing to learn from them)."""
+    std = scores.view(-1, g).std(dim=1)
+    return {"rollout/reward_std_in_group": std.mean().item(),
+            "rollout/frac_groups_zero_std": (std < 1e-6).float().mean().item()}
+
+
+class GRPOStage(Stage):
+    name, unit, throughput = "grpo", "completions", "episodes"
+    best_metric, best_mode = "eval/reward", "max"
+
+    @classmethod
+    def precheck(cls, cfg) -> None:
+        src = cfg.policy_source
+        if src == "tiny" and not cfg.init_sft_steps:
+            raise UserError("grpo needs a trained policy to start from: pass --policy runs/sft "
+                            "(or set init_sft_steps to warm up a tiny one)")
+        if Path(src).expanduser().exists():
+            expect_kind(Path(src).expanduser(), "policy", "--policy")
+
+    def prepare_data(self) -> None:
+        world_size = self.world[1]
+        check_groups(self.cfg, world_size)
+        self.unit = "tokens" if self.cfg.grpo.loss_type in ("bnpo", "dapo") else "completions"
+        self.data = load_prompts(self.cfg)
+        self.steps_per_iteration = iteration_steps(self.cfg, world_size)
+        self.iterations = total_iterations(self.cfg, len(self.data.train), world_size)
+        self.total_steps = self.iterations * self.steps_per_iteration
+
+    def initial_state(self) -> dict:
+        return {"iteration": 0, "prompt_position": 0}
+
+    def build(self, acc):
+        cfg, src = self.cfg, self.cfg.policy_source
+        self.zero3 = distributed.zero_stage(acc) == 3
+        self.source = make_reward_source(cfg, acc.device)
+        self.scorer = Scorer(self.source, cfg.reward.delta)
+        if src == "tiny":
+            src = warm_up_tiny_policy(cfg, ck.partial_dir(self.out) / "init_policy", self.console)
+        self.tokenizer, policy = load_policy(cfg, src)
+        check_lengths(cfg, policy)
+        disable_dropout(policy)
+        self.data.train_ids = [encode_prompt(self.tokenizer, p, cfg.data.max_prompt_length)[0] for p, _ in self.data.train]
+        model = PolicyOnly(policy).to(acc.device)
+        self.reference = None  # beta 0: no reference model at all
+        if cfg.grpo.beta:
+            self.reference = FrozenCopy(model.policy) if self.zero3 else Reference(model.policy)
+        if self.resume_from is not None:
+            model.policy.load_state_dict(load_causal_lm(str(self.resume_from), cfg.model).state_dict())
+        self.manifest = {"parent": ck.parent_info(src),
+                         "data": {"source": cfg.data.source, "format": self.data.fmt,
+                                  "fingerprint": self.data.fingerprint, "train_prompts": len(self.data.train),
+                                  "eval_prompts": len(self.data.eval)},
+                         "reward": {"source": self.source.name, "delta": cfg.reward.delta}}
+        self.history: list[dict] = []
+        self.experience: Experience | None = None
+        return model
+
+    def start(self, model, acc, state: dict) -> None:
+        super().start(model, acc, state)
+        self.core = acc.unwrap_model(model)
+        rank, world_size = self.world
+        self.prompt_batches = common.Batcher(len(self.data.train), self.cfg.grpo.chunk_size, self.cfg.seed, rank,
+                                             world_size)
+
+    def describe(self) -> str:
+        g = self.cfg.grpo
+        return (f"grpo: {len(self.data.train)} prompts ({self.data.fmt}), {self.iterations} iterations x "
+                f"{g.num_rollouts} completions ({g.num_generations} per prompt), {self.total_steps} optimizer steps, "
+                f"advantage {g.advantage}, loss {g.loss_type}, reward {self.source.name}, "
+                f"{count_params(self.core.policy) / 1e6:.2f}M parameters, "
+                f"{'reference with beta ' + str(g.beta) if g.beta else 'no reference (beta 0)'} -> {self.out}"
+                + "".join(f"\n  {n}" for n in self.data.notes))
+
+    # --- 1-3. rollouts in groups, scores, group advantages -----------------------------------------------
+    def collect(self, state: dict) -> Experience:
+        cfg, g = self.cfg, self.cfg.grpo
+        t0 = time.perf_counter()
+        timings = {"generate": 0.0, "score": 0.0, "forward": 0.0}
+        ro = collect_rollouts(self.core, self.reference, self.tokenizer, self.data, self.scorer, self.prompt_batches,
+                              state, cfg, self.acc.device, timings, self.progress, g.num_rollouts // self.world[1],
+                              self.zero3, repeats=g.num_generations)
+        scores = ro.scores.to(self.acc.device)
+        # a group lives on one process, so group advantages need no collective; "batch" std is this process's
+        advantages = group_advantages(scores, g.num_generations, g.advantage, g.scale_rewards,
+                                      lengths=ro.mask.sum(1))
+        mask = ro.mask
+        if g.mask_truncated_completions:
+            eos = self.tokenizer.eos_token_id
+            truncated = torch.tensor([len(r) >= g.generation.max_new_tokens and r[-1] != eos for r in ro.responses],
+                                     device=mask.device)
+            mask = mask_truncated(mask, truncated)
+        log = {"rollout/reward": distributed.all_reduce(scores.mean().item()),
+               "rollout/score_raw": distributed.all_reduce(sum(ro.raw_scores) / len(ro.raw_scores)),
+               **{k: distributed.all_reduce(v) for k, v in group_stats(scores, g.num_generations).items()},
+               "rollout/response_length": distributed.all_reduce(ro.mask.sum(1).mean().item()),
+               **{f"time/{k}": v for k, v in timings.items()}}
+        gold = mean_gold(ro.prompts, ro.texts)
+        if gold is not None:
+            log["rollout/gold"] = distributed.all_reduce(gold)
+        mb = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
+        minibatches = []
+        for _ in range(g.num_iterations):
+            perm = torch.randperm(len(ro.queries)).tolist()
+            minibatches += [perm[i: i + mb] for i in range(0, len(perm) - mb + 1, mb)]
+        exp = Experience(ro, advantages, mask, log, minibatches, time.perf_counter())
+        exp.log["time/experience"] = exp.t_train - t0
+        return exp
+
+    # --- 4. the clipped loss over minibatches ------------------------------------------------------------
+    def next_step(self, state: dict) -> list[Micro]:
+        if self.experience is None:
+            self.experience = self.collect(state)
+        idx = self.experience.minibatches.pop(0)
+        b = self.cfg.train.batch_size
+        return [self.micro(idx[i: i + b]) for i in range(0, len(idx), b)]
+
+    def micro(self, idx: list[int]) -> Micro:
+        """Completions `idx`; units as the loss type aggregates (tokens for bnpo / dapo, else completions)."""
+        units = int(self.experience.mask[idx].sum()) if self.unit == "tokens" else len(idx)
+        return Micro(idx, units=units)  # episodes and tokens are counted once per iteration, in after_step
+
+    def loss(self, model, micro: Micro) -> StepLoss:
+        g, exp, idx = self.cfg.grpo, self.experience, micro.data
+        ro = exp.rollouts
+        b = collate_responses([ro.queries[i] for i in idx], [ro.responses[i] for i in idx],
+                              self.tokenizer.pad_token_id, self.acc.device)
+        R = b.responses.shape[1]
+        logits, _ = response_outputs(model, b)
+        lse = torch.logsumexp(logits.float(), dim=-1)
+        logprobs = token_logprobs(logits, b.responses, lse)
+        mask = exp.mask[idx, :R]
+        out = grpo_loss(logprobs, ro.logprobs[idx, :R], ro.ref_logprobs[idx, :R] if self.reference is not None else None,
+                        exp.advantages[idx], mask, loss_type=g.loss_type, epsilon=g.epsilon,
+                        epsilon_high=g.epsilon_high, beta=g.beta, importance=g.importance,
+                        max_completion_length=g.generation.max_new_tokens)
+        # token statistics are logged as token means: weighted by this micro-batch's units like the loss
+        per_token = micro.units / max(float(out.tokens), 1.0)
+        stats = {"clip_low": out.clip_low * per_token, "clip_high": out.clip_high * per_token,
+                 "kl": out.kl * per_token,
+                 "entropy": entropy(logits.detach(), mask, lse.detach()) * micro.units}
+        return StepLoss(out.loss_sum, {k: float(v) for k, v in stats.items()})
+
+    def at_boundary(self, state: dict) -> bool:
+        return self.experience is None
+
+    def after_step(self, state: dict) -> dict:
+        exp = self.experience
+        if exp.minibatches:
+            return {}
+        state["iteration"] += 1
+        state["examples"] += len(exp.rollouts.texts)
+        state["tokens"] += int(exp.rollouts.mask.sum())
+        self.experience = None
+        return {**exp.log, "time/train": time.perf_counter() - exp.t_train}
+
+    def evaluate(self, core, progress) -> tuple[dict, list[dict]]:
+        metrics, samples = evaluate(core, self.reference, self.tokenizer, self.data, self.scorer, self.cfg,
+                                    self.acc.device, progress, self.zero3)
+        step = self.state["step"]
+        show_samples(self.console, samples, step)
+        self.history += [{"step": step, **x} for x in samples[:8]]
+        return metrics, samples
+
+    def extra_files(self, samples: list[dict]) -> dict[str, str]:
+        return {"eval_samples.jsonl": common.jsonl(samples), "eval_samples_history.jsonl": common.jsonl(self.history)}
