@@ -57,6 +57,7 @@ def test_reward_model_with_two_processes_matches_one(sft_ckpt, tmp_path):
     assert b == pytest.approx(a, rel=1e-4)
 
 
+@pytest.mark.slow  # 70 s; ZeRO-3 stays in the fast suite through test_ppo_under_zero_with_two_processes[3]
 def test_sft_under_zero3_matches_one_process_and_saves_a_plain_model(tmp_path):
     pytest.importorskip("deepspeed")
     a, b = _two_ways(["sft", "--config", str(ROOT / "stage_configs" / "tldr_sft.yaml"), *TINY_MODEL], tmp_path,
