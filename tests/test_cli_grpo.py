@@ -31,7 +31,7 @@ def test_grpo_writes_a_plain_hf_policy_and_logs_group_statistics(grpo_run):
     assert m["status"] == "complete" and m["stage"] == "grpo" and m["step"] == 4
     for key in ("eval/reward", "eval/gold", "eval/kl", "eval/response_length"):
         assert key in m["metrics"] and key in m["initial_metrics"]
-    assert m["initial_metrics"]["eval/kl"] == 0.0  # the initial policy is the reference (beta 0.04)
+    assert m["initial_metrics"]["eval/kl"] == 0.0  # the initial policy is the reference (beta 0.1)
     assert not (grpo_run / "value_head.safetensors").exists()
     code = ("import sys, transformers as t; d = sys.argv[1]; m = t.AutoModelForCausalLM.from_pretrained(d); "
             "t.AutoTokenizer.from_pretrained(d); assert 'rlhf_cli' not in sys.modules; print(type(m).__name__)")

@@ -86,6 +86,25 @@ def test_ppo_under_zero_with_two_processes(zero, sft_ckpt, tmp_path):
     assert subprocess.run([sys.executable, "-c", code, str(out)]).returncode == 0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [0, 2])  # 0: DDP
+def test_grpo_with_two_processes(zero, sft_ckpt, tmp_path):
+    """Each process samples whole groups of its own prompts; the update is over both processes' groups."""
+    out = tmp_path / "grpo"
+    ds = ["--set", f"distributed.deepspeed_config={ACC / f'ds_zero{zero}.json'}"] if zero else []
+    _run(["grpo", "--config", str(ROOT / "stage_configs" / "tldr_grpo.yaml"), "--policy", str(sft_ckpt),
+          "--reward-fn", "rlhf_cli.data.synthetic:gold_reward_fn", "--output-dir", str(out),
+          "--set", "data.synthetic.num_train=64", "--set", "data.synthetic.num_eval=8", "--set", "train.batch_size=4",
+          "--set", "train.max_steps=4", "--set", "grpo.num_rollouts=16", "--set", "grpo.num_generations=4",
+          "--set", "grpo.chunk_size=2", "--set", "grpo.generation.max_new_tokens=6", "--set", "reward.delta=false",
+          "--set", "eval.num_samples=8", "--set", "eval.generation.max_new_tokens=6", "--set", "checkpoint.interval=2",
+          "--set", "distributed.num_processes=2", *ds])
+    m = json.loads((out / "rlhf_stage.json").read_text())
+    assert m["status"] == "complete" and m["step"] == 4 and not (out / "value_head.safetensors").exists()
+    code = "import sys, transformers as t; t.AutoModelForCausalLM.from_pretrained(sys.argv[1])"
+    assert subprocess.run([sys.executable, "-c", code, str(out)]).returncode == 0
+
+
 def test_every_gpu_preset_dry_runs_with_a_memory_estimate(sft_ckpt, tmp_path, monkeypatch):
     import yaml
     from conftest import assert_planned_then_refused_here, hh_reward_model_in, run_cli
