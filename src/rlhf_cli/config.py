@@ -251,7 +251,16 @@ class RewardConfig(Section):
     device: str | None = Field(None, description="Device of the reward model (cpu, cuda:1); default: the policy's.")
 
 
-class PPOMethodConfig(Section):
+class RolloutConfig(Section):
+    """The keys of the rollout engine that every online method's section has."""
+
+    stop_sequences: list[str] = Field(default_factory=list, description="Cut a completion at the first of these "
+                                      "strings and end it with EOS, e.g. ['Human:'] for dialogues.")
+    prompt_words: int = Field(4, ge=1, description="For plain-text data: prompts are the first N words of each text.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Rollout sampling kwargs.")
+
+
+class PPOMethodConfig(RolloutConfig):
     num_rollouts: int = Field(128, ge=1, description="Rollouts collected per PPO iteration.")
     chunk_size: int = Field(16, ge=1, description="Prompts per generation call while collecting rollouts.")
     ppo_epochs: int = Field(4, ge=1, description="Passes over each iteration's rollouts.")
@@ -270,21 +279,22 @@ class PPOMethodConfig(Section):
     num_layers_unfrozen: int = Field(-1, ge=-1, description="Train only the top N transformer blocks (and the "
                                      "final norm and value head); the reference then shares the frozen trunk. "
                                      "-1: train every layer (the reference is a full frozen copy).")
-    stop_sequences: list[str] = Field(default_factory=list, description="Cut a completion at the first of these "
-                                      "strings and end it with EOS, e.g. ['Human:'] for dialogues.")
-    prompt_words: int = Field(4, ge=1, description="For plain-text data: prompts are the first N words of each text.")
-    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Rollout sampling kwargs.")
 
     @property
     def passes(self) -> int:  # passes over an iteration's rollouts (the rollout engine's name for it)
         return self.ppo_epochs
 
 
-class PPOConfig(PolicyStageConfig):
-    stage: Literal["ppo"] = "ppo"
+class OnlineStageConfig(PolicyStageConfig):
+    """What the online-RL stages share beside their method section (whose keys `online` returns)."""
+
     init_sft_steps: int = Field(0, ge=0, description="When the policy is 'tiny', first train it with this many SFT "
                                 "steps on the data's text (the stand-in for a pretrained LM such as gpt2-imdb).")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Where rewards come from.")
+
+
+class PPOConfig(OnlineStageConfig):
+    stage: Literal["ppo"] = "ppo"
     ppo: PPOMethodConfig = Field(default_factory=PPOMethodConfig, description="PPO hyper-parameters (trlx names).")
 
     @property
@@ -292,7 +302,7 @@ class PPOConfig(PolicyStageConfig):
         return self.ppo
 
 
-class GRPOMethodConfig(Section):
+class GRPOMethodConfig(RolloutConfig):
     num_generations: int = Field(8, ge=1, description="Completions per prompt (G); advantages are relative to the group.")
     num_rollouts: int = Field(128, ge=1, description="Completions per iteration over all processes (prompts x G).")
     chunk_size: int = Field(4, ge=1, description="Prompts per generation call (each sampled G times).")
@@ -314,21 +324,14 @@ class GRPOMethodConfig(Section):
                         "model is loaded (eval then reports no KL).")
     mask_truncated_completions: bool = Field(False, description="Completions that reach max_new_tokens without EOS "
                                              "add nothing to the loss (DAPO's overlong filtering).")
-    stop_sequences: list[str] = Field(default_factory=list, description="Cut a completion at the first of these "
-                                      "strings and end it with EOS.")
-    prompt_words: int = Field(4, ge=1, description="For plain-text data: prompts are the first N words of each text.")
-    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Rollout sampling kwargs.")
 
     @property
     def passes(self) -> int:
         return self.num_iterations
 
 
-class GRPOConfig(PolicyStageConfig):
+class GRPOConfig(OnlineStageConfig):
     stage: Literal["grpo"] = "grpo"
-    init_sft_steps: int = Field(0, ge=0, description="When the policy is 'tiny', first train it with this many SFT "
-                                "steps on the data's text.")
-    reward: RewardConfig = Field(default_factory=RewardConfig, description="Where rewards come from.")
     grpo: GRPOMethodConfig = Field(default_factory=GRPOMethodConfig, description="GRPO-family hyper-parameters "
                                    "(TRL's names).")
 

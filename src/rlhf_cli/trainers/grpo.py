@@ -25,13 +25,12 @@ from ..errors import UserError
 from ..heads import FrozenCopy, PolicyOnly, Reference
 from ..losses.grpo import group_advantages, grpo_loss, mask_truncated
 from ..losses.ppo import entropy, token_logprobs
-from ..models import count_params, disable_dropout, expect_kind, load_causal_lm
+from ..models import count_params, disable_dropout, load_causal_lm
 from ..sampling import collate_responses
-from . import common, distributed, rollouts
-from .online_eval import evaluate, mean_gold, show_samples
-from .rollouts import (Scorer, check_lengths, collect_rollouts, iteration_steps, load_policy, load_prompts,
-                       make_reward_source, response_outputs, total_iterations, warm_up_tiny_policy)
-from .stage import Micro, Stage, StepLoss
+from . import distributed, online, rollouts
+from .online_eval import mean_gold
+from .rollouts import (Scorer, check_lengths, collect_rollouts, load_policy, make_reward_source, response_outputs, warm_up_tiny_policy)
+from .stage import Micro, StepLoss
 
 
 def check_groups(cfg, world_size: int = 1) -> None:
@@ -46,25 +45,13 @@ def check_groups(cfg, world_size: int = 1) -> None:
 
 
 def plan(cfg, out: Path) -> dict:
-    world_size = cfg.distributed.num_processes
-    src, r, g = cfg.policy_source, cfg.reward, cfg.grpo
-    reward = r.ckpt or r.fn or r.url or r.classifier or "none given (pass --reward-ckpt / --reward-fn / --reward-url)"
-    info: dict = {"output_dir": str(out), "stage": "grpo", "preset": cfg.preset, "policy": src,
-                  "reward": f"{reward}{' minus the reference completion' if r.delta else ''}",
+    g = cfg.grpo
+    info: dict = {"output_dir": str(out), "stage": "grpo", "preset": cfg.preset, "policy": cfg.policy_source,
+                  "reward": online.reward_label(cfg),
                   "method": f"advantage {g.advantage} (scale {g.scale_rewards}), loss {g.loss_type}, G {g.num_generations}",
                   "reference": f"frozen copy, k3 KL x {g.beta}" if g.beta else "none (beta 0)"}
-    check_groups(cfg, world_size)
-    if common.plan_without_download(cfg, info, src):
-        return info
-    data = load_prompts(cfg)
-    iters = total_iterations(cfg, len(data.train), world_size)
-    info.update({"data": f"{cfg.data.source} ({data.fmt}): {len(data.train)} prompts, {len(data.eval)} held-out",
-                 "data_notes": "; ".join(data.notes) or "none", "iterations": iters,
-                 "completions": iters * g.num_rollouts, "optimizer_steps": iters * iteration_steps(cfg, world_size)})
-    if src != "tiny":
-        _, model = load_policy(cfg, src)
-        info["model"] = f"{count_params(model) / 1e6:.2f}M parameters"
-    return info
+    check_groups(cfg, cfg.distributed.num_processes)
+    return online.plan_rows(cfg, info, cfg.distributed.num_processes, "completions")
 
 
 @dataclass
@@ -85,27 +72,13 @@ def group_stats(scores: torch.Tensor, g: int) -> dict:
             "rollout/frac_groups_zero_std": (std < 1e-6).float().mean().item()}
 
 
-class GRPOStage(Stage):
-    name, unit, throughput = "grpo", "completions", "episodes"
-    best_metric, best_mode = "eval/reward", "max"
-
-    @classmethod
-    def precheck(cls, cfg) -> None:
-        src = cfg.policy_source
-        if src == "tiny" and not cfg.init_sft_steps:
-            raise UserError("grpo needs a trained policy to start from: pass --policy runs/sft "
-                            "(or set init_sft_steps to warm up a tiny one)")
-        if Path(src).expanduser().exists():
-            expect_kind(Path(src).expanduser(), "policy", "--policy")
+class GRPOStage(online.OnlineStage):
+    name, unit = "grpo", "completions"
+    check = staticmethod(check_groups)
 
     def prepare_data(self) -> None:
-        world_size = self.world[1]
-        check_groups(self.cfg, world_size)
+        super().prepare_data()
         self.unit = "tokens" if self.cfg.grpo.loss_type in ("bnpo", "dapo") else "completions"
-        self.data = load_prompts(self.cfg)
-        self.steps_per_iteration = iteration_steps(self.cfg, world_size)
-        self.iterations = total_iterations(self.cfg, len(self.data.train), world_size)
-        self.total_steps = self.iterations * self.steps_per_iteration
 
     def initial_state(self) -> dict:
         return {"iteration": 0, "prompt_position": 0}
@@ -132,16 +105,7 @@ class GRPOStage(Stage):
                                   "fingerprint": self.data.fingerprint, "train_prompts": len(self.data.train),
                                   "eval_prompts": len(self.data.eval)},
                          "reward": {"source": self.source.name, "delta": cfg.reward.delta}}
-        self.history: list[dict] = []
-        self.experience: Experience | None = None
         return model
-
-    def start(self, model, acc, state: dict) -> None:
-        super().start(model, acc, state)
-        self.core = acc.unwrap_model(model)
-        rank, world_size = self.world
-        self.prompt_batches = common.Batcher(len(self.data.train), self.cfg.grpo.chunk_size, self.cfg.seed, rank,
-                                             world_size)
 
     def describe(self) -> str:
         g = self.cfg.grpo
@@ -178,23 +142,13 @@ class GRPOStage(Stage):
         gold = mean_gold(ro.prompts, ro.texts)
         if gold is not None:
             log["rollout/gold"] = distributed.all_reduce(gold)
-        mb = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
-        minibatches = []
-        for _ in range(g.num_iterations):
-            perm = torch.randperm(len(ro.queries)).tolist()
-            minibatches += [perm[i: i + mb] for i in range(0, len(perm) - mb + 1, mb)]
+        minibatches = online.minibatches(len(ro.queries), g.num_iterations,
+                                         cfg.train.batch_size * cfg.train.gradient_accumulation_steps)
         exp = Experience(ro, advantages, mask, log, minibatches, time.perf_counter())
         exp.log["time/experience"] = exp.t_train - t0
         return exp
 
-    # --- 4. the clipped loss over minibatches ------------------------------------------------------------
-    def next_step(self, state: dict) -> list[Micro]:
-        if self.experience is None:
-            self.experience = self.collect(state)
-        idx = self.experience.minibatches.pop(0)
-        b = self.cfg.train.batch_size
-        return [self.micro(idx[i: i + b]) for i in range(0, len(idx), b)]
-
+    # --- 4. the clipped loss over minibatches (OnlineStage.next_step) -------------------------------------
     def micro(self, idx: list[int]) -> Micro:
         """Completions `idx`; units as the loss type aggregates (tokens for bnpo / dapo, else completions)."""
         units = int(self.experience.mask[idx].sum()) if self.unit == "tokens" else len(idx)
@@ -221,26 +175,9 @@ class GRPOStage(Stage):
                  "entropy": entropy(logits.detach(), mask, lse.detach()) * micro.units}
         return StepLoss(out.loss_sum, {k: float(v) for k, v in stats.items()})
 
-    def at_boundary(self, state: dict) -> bool:
-        return self.experience is None
-
     def after_step(self, state: dict) -> dict:
         exp = self.experience
         if exp.minibatches:
             return {}
-        state["iteration"] += 1
-        state["examples"] += len(exp.rollouts.texts)
-        state["tokens"] += int(exp.rollouts.mask.sum())
-        self.experience = None
+        self.end_iteration(state)
         return {**exp.log, "time/train": time.perf_counter() - exp.t_train}
-
-    def evaluate(self, core, progress) -> tuple[dict, list[dict]]:
-        metrics, samples = evaluate(core, self.reference, self.tokenizer, self.data, self.scorer, self.cfg,
-                                    self.acc.device, progress, self.zero3)
-        step = self.state["step"]
-        show_samples(self.console, samples, step)
-        self.history += [{"step": step, **x} for x in samples[:8]]
-        return metrics, samples
-
-    def extra_files(self, samples: list[dict]) -> dict[str, str]:
-        return {"eval_samples.jsonl": common.jsonl(samples), "eval_samples_history.jsonl": common.jsonl(self.history)}

@@ -22,43 +22,27 @@ import torch
 
 from .. import checkpoint as ck
 from ..data.tokenize import encode_prompt
-from ..errors import UserError
 from ..heads import FrozenCopy, PolicyWithValueHead, Reference
 from ..losses.ppo import (RunningMoments, adaptive_kl_coef, entropy, gae, kl_penalized_rewards, masked_mean,
                           policy_loss, sequence_kl, token_logprobs, value_loss, whiten)
-from ..models import (count_params, disable_dropout, expect_kind, load_causal_lm, train_top_blocks)
+from ..models import (count_params, disable_dropout, load_causal_lm, train_top_blocks)
 from ..sampling import collate_responses
-from . import common, distributed, rollouts
-from .online_eval import evaluate, mean_gold, show_samples
-from .rollouts import (Scorer, check_batching, check_lengths, collect_rollouts, iteration_steps, load_policy,
-                       load_prompts, make_reward_source, response_outputs, total_iterations, warm_up_tiny_policy)
-from .stage import Micro, Stage, StepLoss
+from . import distributed, online, rollouts
+from .online_eval import mean_gold
+from .rollouts import (Scorer, check_batching, check_lengths, collect_rollouts, load_policy,
+                       make_reward_source, response_outputs, warm_up_tiny_policy)
+from .stage import Micro, StepLoss
 
 
 def plan(cfg, out: Path) -> dict:
-    world_size = cfg.distributed.num_processes
-    src = cfg.policy_source
-    r = cfg.reward
-    reward = r.ckpt or r.fn or r.url or r.classifier or "none given (pass --reward-ckpt / --reward-fn / --reward-url)"
-    info: dict = {"output_dir": str(out), "stage": "ppo", "preset": cfg.preset, "policy": src,
-                  "reward": f"{reward}{' minus the reference completion' if r.delta else ''}",
+    info: dict = {"output_dir": str(out), "stage": "ppo", "preset": cfg.preset, "policy": cfg.policy_source,
+                  "reward": online.reward_label(cfg),
                   "kl": f"beta {cfg.ppo.init_kl_coef}, " + (f"adaptive to {cfg.ppo.target} nats" if cfg.ppo.target
                                                             else "fixed"),
                   "reference": "full frozen copy" if cfg.ppo.num_layers_unfrozen < 0 else
                                f"frozen trunk shared, top {cfg.ppo.num_layers_unfrozen} blocks copied"}
-    check_batching(cfg, world_size)
-    if common.plan_without_download(cfg, info, src):
-        return info
-    data = load_prompts(cfg)
-    iters = total_iterations(cfg, len(data.train), world_size)
-    info.update({"data": f"{cfg.data.source} ({data.fmt}): {len(data.train)} prompts, {len(data.eval)} held-out",
-                 "data_notes": "; ".join(data.notes) or "none",
-                 "iterations": iters, "rollouts": iters * cfg.ppo.num_rollouts,
-                 "optimizer_steps": iters * iteration_steps(cfg, world_size)})
-    if src != "tiny":
-        _, model = load_policy(cfg, src)
-        info["model"] = f"{count_params(model) / 1e6:.2f}M parameters"
-    return info
+    check_batching(cfg, cfg.distributed.num_processes)
+    return online.plan_rows(cfg, info, cfg.distributed.num_processes, "rollouts")
 
 
 @dataclass
@@ -74,26 +58,9 @@ class Experience:
     t_train: float = 0.0
 
 
-class PPOStage(Stage):
-    name, unit, throughput = "ppo", "response tokens", "episodes"
-    best_metric, best_mode = "eval/reward", "max"
-
-    @classmethod
-    def precheck(cls, cfg) -> None:
-        src = cfg.policy_source
-        if src == "tiny" and not cfg.init_sft_steps:
-            raise UserError("ppo needs a trained policy to start from: pass --policy runs/sft "
-                            "(or set init_sft_steps to warm up a tiny one)")
-        if Path(src).expanduser().exists():
-            expect_kind(Path(src).expanduser(), "policy", "--policy")
-
-    def prepare_data(self) -> None:
-        world_size = self.world[1]
-        check_batching(self.cfg, world_size)
-        self.data = load_prompts(self.cfg)
-        self.steps_per_iteration = iteration_steps(self.cfg, world_size)
-        self.iterations = total_iterations(self.cfg, len(self.data.train), world_size)
-        self.total_steps = self.iterations * self.steps_per_iteration
+class PPOStage(online.OnlineStage):
+    name, unit = "ppo", "response tokens"
+    check = staticmethod(check_batching)
 
     def initial_state(self) -> dict:
         return {"iteration": 0, "prompt_position": 0, "kl_coef": self.cfg.ppo.init_kl_coef,
@@ -126,17 +93,11 @@ class PPOStage(Stage):
                                   "eval_prompts": len(self.data.eval)},
                          "reward": {"source": self.source.name, "delta": cfg.reward.delta},
                          "value_head": "value_head.safetensors"}
-        self.history: list[dict] = []  # the first 8 eval samples of every eval: how the completions change
-        self.experience: Experience | None = None
         return model
 
     def start(self, model, acc, state: dict) -> None:
         super().start(model, acc, state)
-        self.core = acc.unwrap_model(model)
         self.moments = RunningMoments(**state["moments"])
-        rank, world_size = self.world
-        self.prompt_batches = common.Batcher(len(self.data.train), self.cfg.ppo.chunk_size, self.cfg.seed, rank,
-                                             world_size)
 
     def describe(self) -> str:
         cfg, core = self.cfg, self.core
@@ -171,11 +132,8 @@ class PPOStage(Stage):
         gold = mean_gold(ro.prompts, ro.texts)
         if gold is not None:
             log["rollout/gold"] = distributed.all_reduce(gold)
-        mb = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
-        minibatches = []
-        for _ in range(ppo.ppo_epochs):
-            perm = torch.randperm(len(ro.queries)).tolist()
-            minibatches += [perm[i: i + mb] for i in range(0, len(perm) - mb + 1, mb)]
+        minibatches = online.minibatches(len(ro.queries), ppo.ppo_epochs,
+                                         cfg.train.batch_size * cfg.train.gradient_accumulation_steps)
         exp = Experience(ro, advantages, returns, log, mean_kl, minibatches, time.perf_counter())
         exp.log["time/experience"] = exp.t_train - t0
         return exp
@@ -195,14 +153,7 @@ class PPOStage(Stage):
             scores = scores.clamp(-ppo.cliprange_reward, ppo.cliprange_reward)
         return scores
 
-    # --- 4. ppo_epochs over minibatches ------------------------------------------------------------------
-    def next_step(self, state: dict) -> list[Micro]:
-        if self.experience is None:
-            self.experience = self.collect(state)
-        idx = self.experience.minibatches.pop(0)
-        b = self.cfg.train.batch_size
-        return [self.micro(idx[i: i + b]) for i in range(0, len(idx), b)]
-
+    # --- 4. ppo_epochs over minibatches (OnlineStage.next_step) ------------------------------------------
     def micro(self, idx: list[int]) -> Micro:
         """Rollouts `idx` of the current experience; the units are their response tokens."""
         return Micro(idx, units=int(self.experience.rollouts.mask[idx].sum()))
@@ -226,9 +177,6 @@ class PPOStage(Stage):
         return StepLoss((pl.loss + ppo.vf_coef * vl.loss) * n, {k: v.item() * n for k, v in stats.items()})
 
     # --- 5. KL controller; the iteration's metrics -------------------------------------------------------
-    def at_boundary(self, state: dict) -> bool:
-        return self.experience is None
-
     def after_step(self, state: dict) -> dict:
         exp, ppo = self.experience, self.cfg.ppo
         if exp.minibatches:
@@ -236,21 +184,6 @@ class PPOStage(Stage):
         if ppo.target:
             state["kl_coef"] = adaptive_kl_coef(state["kl_coef"], exp.sequence_kl, ppo.target, ppo.horizon,
                                                   ppo.num_rollouts)
-        state["iteration"] += 1
-        state["examples"] += len(exp.rollouts.texts)
-        state["tokens"] += int(exp.rollouts.mask.sum())  # response tokens
         state["moments"] = self.moments.state_dict()
-        self.experience = None
+        self.end_iteration(state)
         return {**exp.log, "train/kl_coef": state["kl_coef"], "time/train": time.perf_counter() - exp.t_train}
-
-    def evaluate(self, core, progress) -> tuple[dict, list[dict]]:
-        metrics, samples = evaluate(core, self.reference, self.tokenizer, self.data, self.scorer, self.cfg,
-                                    self.acc.device, progress, self.zero3)
-        step = self.state["step"]
-        show_samples(self.console, samples, step)
-        self.history += [{"step": step, **x} for x in samples[:8]]
-        return metrics, samples
-
-    def extra_files(self, samples: list[dict]) -> dict[str, str]:
-        return {"eval_samples.jsonl": common.jsonl(samples), "eval_samples_history.jsonl": common.jsonl(self.history)}
-
