@@ -1,6 +1,7 @@
 # rlhf-cli — two commands do all set-up on a fresh machine:
 #   make summarize-pipeline     the "Learning to summarize" recipe (tiny preset: CPU, minutes)
 #   make hh-pipeline            SFT, PPO, ILQL and DPO on HH dialogues, compared in one table
+#   make arith-pipeline         SFT then GRPO with rule-based rewards on arithmetic problems (accuracy up)
 #   make test                   the fast test suite (what CI runs)
 #   make bench                  rlhf_cli against TRL on identical work -> benchmarks/RESULTS.md (~12 min)
 VENV   ?= .venv
@@ -9,7 +10,7 @@ RLHF   := $(VENV)/bin/rlhf
 PRESET ?= tiny
 RUNS   ?= runs/$(PRESET)
 
-.PHONY: install test test-slow lint bench summarize-pipeline hh-pipeline clean
+.PHONY: install test test-slow lint bench summarize-pipeline hh-pipeline arith-pipeline clean
 
 # torch first and pinned: 2.13.0 has a CPU wheel on the build machines; a bare `torch`
 # requirement would pull several GB of CUDA packages.
@@ -48,6 +49,17 @@ summarize-pipeline: install
 		--reward-ckpt $(RUNS)/rm --output-dir $(RUNS)/ppo --resume
 	$(RLHF) eval --ckpt $(RUNS)/sft --ckpt $(RUNS)/ppo --rouge --reward --reward-ckpt $(RUNS)/rm \
 		--max-new-tokens $(if $(filter tiny,$(PRESET)),32,50) --output-dir $(RUNS)/eval
+
+# Critic-free RL on a verifiable task: sft on a mediocre student's worked answers, then grpo scored by
+# rules (exact_match against the data's answers, answer_format), then one eval of both on held-out problems
+# (gold = accuracy, and the exact-match reward beside it).
+ARITH := $(RUNS)/arith
+arith-pipeline: install
+	$(RLHF) sft --config stage_configs/arith_sft.yaml --preset $(PRESET) --output-dir $(ARITH)/sft --resume
+	$(RLHF) grpo --config stage_configs/arith_grpo.yaml --preset $(PRESET) --policy $(ARITH)/sft \
+		--output-dir $(ARITH)/grpo --resume
+	$(RLHF) eval --ckpt $(ARITH)/sft --ckpt $(ARITH)/grpo --no-rouge --reward \
+		--reward-fn rlhf_cli.rewards.rules:exact_match --output-dir $(ARITH)/eval
 
 # The HH workflow, one data set, every method: sft -> rm, then ppo, ilql and dpo from the sft
 # checkpoint, then one eval of all of them side by side (ILQL steered with beta 4).

@@ -1,6 +1,7 @@
 """`rlhf grpo` end to end on micro configs (no value head; beta 0 loads no reference), and bad input."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -66,3 +67,97 @@ def test_bad_input_is_one_sentence(extra, pattern, sft_ckpt, tmp_path):
                 "--output-dir", str(tmp_path / "grpo"))
     assert_one_sentence(r, pattern)
     assert not (tmp_path / "grpo").exists()
+
+
+BAD_REWARDS = ("def short(samples, prompts, outputs, **kw):\n    return [1.0] * (len(outputs) - 1)\n"
+               "def nan(samples, prompts, outputs, **kw):\n    return [float('nan')] * len(outputs)\n"
+               "def words(samples, prompts, outputs, **kw):\n    return ['good'] * len(outputs)\n")
+
+
+@pytest.mark.parametrize("fn,pattern", [
+    ("short", r"at step 0 \(iteration 1\): reward function bad_rewards:short returned 7 scores for 8 samples"),
+    ("nan", r"at step 0 \(iteration 1\): reward function bad_rewards:nan returned a non-finite score \(nan\)"),
+    ("words", r"reward function bad_rewards:words returned str 'good' for sample 0; a score must be a number"),
+])
+def test_a_bad_reward_function_stops_grpo_in_one_sentence(fn, pattern, sft_ckpt, tmp_path, monkeypatch):
+    (tmp_path / "bad_rewards.py").write_text(BAD_REWARDS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = run_cli("grpo", "--config", GRPO_CONFIG, "--policy", str(sft_ckpt), "--reward-fn", f"bad_rewards:{fn}",
+                *GRPO_MICRO, "--set", "eval.at_start=false", "--output-dir", str(tmp_path / "grpo"))
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    error = r.stderr[r.stderr.index("error:"):]  # the progress shown before it, then the one sentence
+    assert re.search(pattern, " ".join(error.split())), error
+    assert not (tmp_path / "grpo").exists()  # no checkpoint was complete: nothing presented as one
+
+
+@pytest.mark.parametrize("sets,pattern", [
+    (["reward.sources=[{fn: rlhf_cli.rewards.rules:exact_match}, {fn: rlhf_cli.rewards.rules:answer_format}]",
+      "reward.weights=[1.0]"], r"reward.weights has 1 weight\(s\) for 2 reward source\(s\)"),
+    (["reward.weights=[1.0, 2.0]"], "reward.weights weighs the entries of reward.sources, and there are none"),
+    (["reward.sources=[{fn: rlhf_cli.rewards.rules:exact_match, url: 'http://localhost:1'}]"],
+     r"reward.sources\[0\] must give exactly one of ckpt, fn, url, classifier"),
+])
+def test_bad_reward_sources_are_one_sentence(sets, pattern, sft_ckpt, tmp_path):
+    r = run_cli("grpo", "--config", GRPO_CONFIG, "--policy", str(sft_ckpt), *GRPO_MICRO,
+                *[x for s in sets for x in ("--set", s)], "--output-dir", str(tmp_path / "grpo"))
+    assert_one_sentence(r, pattern)
+    assert not (tmp_path / "grpo").exists()
+
+
+def test_arith_with_weighted_rule_rewards_logs_each_source(sft_ckpt, tmp_path):
+    """synthetic:arith, scored by exact_match (against the data's `answer` column) + answer_format: each
+    source is logged on its own, and the gold score is the exact-match accuracy."""
+    out = tmp_path / "grpo"
+    sources = ("reward.sources=[{fn: rlhf_cli.rewards.rules:exact_match, weight: 1.0}, "
+               "{fn: rlhf_cli.rewards.rules:answer_format, weight: 0.1}]")
+    r = run_cli("grpo", "--config", GRPO_CONFIG, "--policy", str(sft_ckpt), *GRPO_MICRO, "--set", sources,
+                "--set", "data.source=synthetic:arith", "--set", "train.max_steps=2", "--output-dir", str(out))
+    assert r.exit_code == 0, r.output
+    assert "1 x exact_match + 0.1 x answer_format" in " ".join(r.output.split())
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*logged)
+    for key in ("rollout/reward/exact_match", "rollout/reward/answer_format", "eval/reward/exact_match",
+                "eval/reward/answer_format", "eval/gold"):
+        assert key in keys, key
+    for row in logged:
+        if "eval/gold" in row:  # on arith, the gold score is the exact-match accuracy
+            assert row["eval/gold"] == row["eval/reward/exact_match"]
+        if "rollout/reward" in row:
+            assert row["rollout/reward"] == pytest.approx(row["rollout/reward/exact_match"]
+                                                          + 0.1 * row["rollout/reward/answer_format"])
+
+
+ARITH_CONFIG = str(ROOT / "stage_configs" / "arith_grpo.yaml")
+
+
+def test_the_gsm8k_preset_plans_on_this_machine():
+    from conftest import assert_planned_then_refused_here
+
+    r = run_cli("grpo", "--config", ARITH_CONFIG, "--preset", "qwen2.5-1.5b", "--dry-run")
+    assert_planned_then_refused_here(r)  # the plan, then: the hub is unreachable here
+    text = " ".join(r.output.split())
+    assert "Qwen/Qwen2.5-1.5B-Instruct" in text and "1 x exact_match + 0.1 x answer_format" in text
+
+
+def test_gsm8k_shaped_data_with_a_system_prompt_trains_on_the_reference_answers(sft_ckpt, tmp_path):
+    """The GSM8K preset's path, offline: {question, answer} rows renamed to prompt-completion, opened by a
+    system prompt and rendered by the chat template; exact_match reads the truth from each reference's
+    '#### N' (the rendered reply ends in the template's end-of-turn token)."""
+    rows = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+             "answer": f"He has {a} + {b} = {a + b} apples.\n#### {a + b}"} for a in range(1, 9) for b in range(1, 9)]
+    data = tmp_path / "gsm8k_like.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "grpo"
+    r = run_cli("grpo", "--config", ARITH_CONFIG, "--policy", str(sft_ckpt), *GRPO_MICRO, "--output-dir", str(out),
+                "--set", f"data.source={data}", "--set", "data.columns.prompt=question", "--set", "data.columns.completion=answer",
+                "--set", "data.system_prompt=Give the final number in <answer></answer> tags.",
+                "--set", f"data.chat_template={ROOT / 'stage_configs' / 'chatml.jinja'}", "--set", "train.max_steps=2")
+    assert r.exit_code == 0, r.output
+    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert samples[0]["prompt"].startswith("<|im_start|>system\nGive the final number in <answer></answer> tags.")
+    assert "<|im_start|>user\nTom has" in samples[0]["prompt"]
+    from rlhf_cli.rewards.rules import exact_match
+    truth = [s["reference"].split("#### ")[1].split("<")[0] for s in samples]
+    assert exact_match(outputs=[f"<answer>{t}</answer>" for t in truth],
+                       references=[s["reference"] for s in samples]) == [1.0] * len(samples)

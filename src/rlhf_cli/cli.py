@@ -371,7 +371,7 @@ def ppo(config: ConfigOpt = None, policy: PolicyOpt = None, model: ModelOpt = No
     given = any((reward_ckpt, reward_fn, reward_url))
     # a reward flag replaces the config's reward source rather than adding a second one
     reward = {f"reward__{k}": v or CLEAR for k, v in (("ckpt", reward_ckpt), ("fn", reward_fn), ("url", reward_url),
-                                                    ("classifier", None))} if given else {}
+                                                    ("classifier", None), ("sources", None), ("weights", None))} if given else {}
     _run_stage("ppo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug, model, data,
                policy=policy, reward__delta=delta, **reward, model__trust_remote_code=trust_remote_code or None)
 
@@ -386,7 +386,7 @@ def grpo(config: ConfigOpt = None, policy: PolicyOpt = None, model: ModelOpt = N
     """Critic-free online RL (GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++): G completions per prompt, group advantages."""
     given = any((reward_ckpt, reward_fn, reward_url))
     reward = {f"reward__{k}": v or CLEAR for k, v in (("ckpt", reward_ckpt), ("fn", reward_fn), ("url", reward_url),
-                                                    ("classifier", None))} if given else {}
+                                                    ("classifier", None), ("sources", None), ("weights", None))} if given else {}
     _run_stage("grpo", config, set_, preset, seed, output_dir, resume, overwrite, dry_run, debug, model, data,
                policy=policy, **reward, model__trust_remote_code=trust_remote_code or None)
 

@@ -87,6 +87,10 @@ class DataConfig(Section):
     columns: dict[str, str] = Field(
         default_factory=dict, description="Rename columns to the schema's names, e.g. {prompt: post}."
     )
+    system_prompt: str | None = Field(
+        None, description="Make prompt / prompt-completion rows conversations that open with this system turn (a "
+        "text prompt becomes the user's turn, its completion the assistant's), rendered by the chat template: "
+        "an instruct model's prompt, as TRL users build it in a dataset map.")
     max_length: int = Field(256, ge=8, description="Maximum tokens of prompt + completion.")
     max_prompt_length: int = Field(192, ge=4, description="Prompts longer than this are truncated.")
     max_examples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
@@ -236,7 +240,24 @@ class DPOConfig(PolicyStageConfig):
                                "concatenated pass over chosen and rejected.")
 
 
+class RewardSourceConfig(Section):
+    """One of several weighted reward sources (exactly one of ckpt, fn, url, classifier)."""
+
+    ckpt: str | None = Field(None, description="Reward-model checkpoint.")
+    fn: str | None = Field(None, description="Python reward module:function, e.g. rlhf_cli.rewards.rules:exact_match.")
+    url: str | None = Field(None, description="HTTP reward endpoint.")
+    classifier: str | None = Field(None, description="A transformers text classifier; reward = P(positive_label).")
+    weight: float = Field(1.0, description="Its weight in the summed reward.")
+    name: str | None = Field(None, description="Its name in the logs (rollout/reward/NAME); default: the function's "
+                             "name, the checkpoint's folder or the URL's host.")
+
+
 class RewardConfig(Section):
+    sources: list[RewardSourceConfig] | None = Field(
+        None, description="Several reward sources at once, summed with their weights and logged one by one "
+        "(instead of one of ckpt / fn / url / classifier); a reward flag on the command line replaces them.")
+    weights: list[float] | None = Field(None, description="TRL's reward_weights: one weight per entry of `sources`, "
+                                        "in order (overrides each entry's weight).")
     ckpt: str | None = Field(None, description="Reward-model checkpoint (`rlhf train-rm` output); flag --reward-ckpt.")
     fn: str | None = Field(None, description="Python reward module:function, trlx's reward_fn signature; "
                            "flag --reward-fn.")

@@ -26,26 +26,28 @@ from .errors import UserError
 from .heads import ILQL_HEADS_FILE, ILQLHeads
 from .metrics import gold_scores, mean_and_stderr, rouge
 from .models import checkpoint_kind, expect_kind, load_pretrained, load_tokenizer, max_positions
-from .rewards import make_reward
+from .rewards import columns_of, make_reward
 from .sampling import generate, ilql_generate, sequence_logprobs
 
 COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("reward", "reward"),
            ("reward_delta", "reward Δ"), ("gold", "gold"), ("kl", "KL to ref"), ("response_length", "length")]
 
 
-def load_eval_prompts(data_cfg, seed: int, num_samples: int, tokenizer_of: str | None = None
-                      ) -> list[tuple[str, str | None]]:
+def load_eval_prompts(data_cfg, seed: int, num_samples: int, tokenizer_of: str | None = None,
+                      with_columns: bool = False):
     """(prompt, reference) of the held-out split of any SFT-style data (pairs: the chosen completion);
-    conversations rendered by the chat template of the checkpoint `tokenizer_of`."""
+    conversations rendered by the chat template of the checkpoint `tokenizer_of`. `with_columns`: also each
+    row's other columns (e.g. `answer`, what a rule-based reward checks against)."""
     def renderer():
         return chat.from_tokenizer(load_tokenizer(tokenizer_of), tokenizer_of, data_cfg.chat_template)
 
     split, fmt = load_formatted(data_cfg, kind="sft", seed=seed, chat=renderer if tokenizer_of else None)
     examples, _ = formats.sft_examples(split.eval or split.train, fmt)
-    pairs = [(e.prompt, e.completion) for e in examples if e.prompt]
-    if not pairs:
+    kept = [e for e in examples if e.prompt][:num_samples]
+    if not kept:
         raise UserError(f"dataset '{data_cfg.source}' has no held-out prompts to evaluate on")
-    return pairs[:num_samples]
+    pairs = [(e.prompt, e.completion) for e in kept]
+    return (pairs, [e.meta for e in kept]) if with_columns else pairs
 
 
 def reference_policy(ckpts: list[str], ref: str | None) -> str:
@@ -60,11 +62,14 @@ def reference_policy(ckpts: list[str], ref: str | None) -> str:
 
 def evaluate_checkpoints(ckpts: list[str], pairs, gen_cfg, *, reward=None, ref: str | None = None,
                          beta: float | None = None, top_k: int = 20, use_rouge: bool = True, batch_size: int = 32,
-                         seed: int = 1234, max_prompt_length: int = 192, device=None, progress=None
-                         ) -> tuple[list[dict], list[dict]]:
-    """One result row per checkpoint, and one sample row per prompt with every model's output."""
+                         seed: int = 1234, max_prompt_length: int = 192, device=None, progress=None,
+                         columns: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
+    """One result row per checkpoint, and one sample row per prompt with every model's output. `columns`:
+    each prompt's other data columns, handed to the reward by name."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    if reward is not None:
+        reward = _WithColumns(reward, refs, columns)
     ref_path = reference_policy(ckpts, ref)
     rows, samples = [], [{"prompt": p, "reference": r} for p, r in pairs]
     ref_scores = reward.score(prompts, refs) if reward is not None and all(refs) else None
@@ -124,6 +129,17 @@ def _scores(name: str, prompts, refs, texts, reward, ref_scores, use_rouge: bool
         per_sample["gold"] = gold
         row["gold"], row["gold_stderr"] = mean_and_stderr(gold)
     return row, per_sample
+
+
+class _WithColumns:
+    """A reward source that gets the eval prompts' references and data columns with every call."""
+
+    def __init__(self, source, refs, columns):
+        self.source, self.name = source, source.name
+        self.meta = {"references": list(refs), **columns_of(columns)}
+
+    def score(self, prompts, completions, **metadata):
+        return self.source.score(prompts, completions, **{**self.meta, **metadata})
 
 
 class _Reference:
@@ -309,7 +325,8 @@ def run_eval(req: EvalRequest, progress) -> EvalResult:
     if req.reward and not any((req.reward_ckpt, req.reward_fn, req.reward_url)):
         raise UserError("--reward needs --reward-ckpt, --reward-fn or --reward-url")
     data_cfg = eval_data(req)
-    pairs = load_eval_prompts(data_cfg, 42, req.num_samples, req.ckpts[0] if req.ckpts else None)
+    pairs, columns = load_eval_prompts(data_cfg, 42, req.num_samples, req.ckpts[0] if req.ckpts else None,
+                                       with_columns=True)
     title = f"rlhf eval: {len(pairs)} held-out prompts of {data_cfg.source}"
     settings = {"checkpoints": req.ckpts, "content_hashes": [ck.content_hash(Path(c)) for c in req.ckpts],
                 "data": to_dict(data_cfg), "num_samples": len(pairs), "seed": req.seed, "rouge": req.rouge,
@@ -326,7 +343,8 @@ def run_eval(req: EvalRequest, progress) -> EvalResult:
         progress.console.print(f"{title}: sampling from {len(req.ckpts)} checkpoint(s)")
     rows, samples = evaluate_checkpoints(req.ckpts, pairs, gen, reward=source, ref=req.ref_ckpt, beta=req.beta,
                                          use_rouge=req.rouge, batch_size=req.batch_size, seed=req.seed,
-                                         max_prompt_length=data_cfg.max_prompt_length, progress=progress)
+                                         max_prompt_length=data_cfg.max_prompt_length, progress=progress,
+                                         columns=columns)
     return EvalResult(rows, title, write_report(rows, samples, req.output_dir, settings))
 
 

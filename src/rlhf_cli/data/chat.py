@@ -29,6 +29,21 @@ def conversational_columns(row: dict, columns) -> list[str]:
     return [c for c in columns if is_conversation(row.get(c))]
 
 
+def with_system_prompt(rows: list[dict], fmt: str, system: str) -> list[dict]:
+    """Prompt(-completion) rows as conversations that open with `system`: a text prompt becomes the user turn
+    (its completion the assistant's), a conversational prompt without a system turn gets one."""
+    def prompt(p):
+        if is_conversation(p):
+            return p if p[0].get("role") == "system" else [{"role": "system", "content": system}, *p]
+        return [{"role": "system", "content": system}, {"role": "user", "content": str(p)}]
+
+    def completion(c):
+        return c if is_conversation(c) or c is None else [{"role": "assistant", "content": str(c).strip()}]
+
+    return [{**r, "prompt": prompt(r["prompt"]), **({"completion": completion(r["completion"])}
+                                                     if fmt == "completion" else {})} for r in rows]
+
+
 class Renderer:
     """A chat template and the special tokens it may name (bos_token, eos_token, ...)."""
 

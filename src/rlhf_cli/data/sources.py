@@ -196,9 +196,12 @@ def load_source(data_cfg, kind: str, seed: int) -> Split:
 def _synthetic(src: str, s, kind: str) -> Split:
     task = src.split(":", 1)[1]
     if task not in synthetic.SOURCES:
-        raise UserError(f"unknown synthetic source '{src}'; choose synthetic:tldr, synthetic:hh or synthetic:reviews")
+        raise UserError(f"unknown synthetic source '{src}'; choose synthetic:tldr, synthetic:hh, synthetic:reviews "
+                        "or synthetic:arith")
     if task == "reviews" and kind != "sft":
         raise UserError("synthetic:reviews holds plain movie reviews, not preference pairs")
+    if task == "arith" and kind != "sft":
+        raise UserError("synthetic:arith holds problems with answers (SFT, GRPO), not preference pairs")
     rows = synthetic.generate(task, s.num_train + s.num_eval, s.seed, kind=kind, label_noise=s.label_noise)
     if s.conversational:
         if task != "tldr":
@@ -253,6 +256,12 @@ def load_formatted(data_cfg, kind: str, seed: int, chat=None) -> tuple[Split, st
         raise UserError(f"dataset '{data_cfg.source}' has no training rows")
     fmt = formats.resolve_format(split.train, data_cfg.format, data_cfg.source)
     formats.check_one_format(split.eval, fmt, data_cfg.source, "held-out", first=split.train[0])
+    if data_cfg.system_prompt is not None:
+        if fmt not in ("completion", "prompt"):
+            raise UserError(f"data.system_prompt opens the conversation of prompt or prompt-completion rows; "
+                            f"'{data_cfg.source}' is {fmt} data")
+        split.train = chat_mod.with_system_prompt(split.train, fmt, data_cfg.system_prompt)
+        split.eval = chat_mod.with_system_prompt(split.eval, fmt, data_cfg.system_prompt)
     if fmt != "messages" and not chat_mod.conversational_columns(split.train[0], formats.REQUIRED[fmt]):
         return split, fmt
     if fmt not in chat_mod.STANDARD:

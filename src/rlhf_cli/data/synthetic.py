@@ -20,6 +20,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from . import arith
+
 BEST_SCORE = 1.0
 TARGET_WORDS = 12  # summaries longer than this lose LENGTH_PENALTY per extra word
 LENGTH_PENALTY = 0.05
@@ -164,6 +166,8 @@ def gold_score(prompt: str, completion: str) -> float:
     0.05 per word beyond 12 (at most 1), minus 0.25 per repeated word bigram (at most 1), and for
     dialogues minus 0.5 per rude word. Raises ValueError for a prompt the generator did not make.
     """
+    if arith.solve(prompt) is not None:  # synthetic:arith: 1.0 for the right answer, else 0.0
+        return arith.gold_score(prompt, completion)
     facts = extract_facts(prompt)
     if facts is None:
         raise ValueError("not a synthetic prompt: no key-fact sentence found")
@@ -177,7 +181,7 @@ def gold_reward_fn(samples=None, prompts=None, outputs=None, **metadata) -> list
 
 
 def is_synthetic_prompt(prompt: str) -> bool:
-    return extract_facts(prompt) is not None
+    return extract_facts(prompt) is not None or arith.solve(prompt) is not None
 
 
 # --- generators ---------------------------------------------------------------------------------
@@ -216,7 +220,7 @@ _TASKS = {
     "hh": (_hh_prompt, HH_STYLES, BEST_HH),
 }
 TASKS = tuple(_TASKS)  # tasks with a gold scorer and preference pairs
-SOURCES = (*TASKS, "reviews")  # every synthetic:NAME data source
+SOURCES = (*TASKS, "reviews", "arith")  # every synthetic:NAME data source
 
 # --- reviews: short movie reviews, half positive, half negative (the sentiment-PPO workflow) --------
 REVIEW_SUBJECTS = ["this movie", "the film", "this picture", "the story", "the sequel", "this comedy",
@@ -253,6 +257,9 @@ def reviews(n: int, seed: int) -> list[dict]:
     return [{"text": _review(rng)} for _ in range(n)]
 
 
+_SFT_ONLY = {"arith": arith.generate, "reviews": reviews}  # tasks without preference pairs
+
+
 def generate(task: str, n: int, seed: int, kind: str = "sft", label_noise: float = 0.1) -> list[dict]:
     """`n` deterministic examples of `task` ("tldr" or "hh") for `seed`.
 
@@ -261,10 +268,10 @@ def generate(task: str, n: int, seed: int, kind: str = "sft", label_noise: float
     references of different gold score; the gold-preferred one is "chosen" except for a fraction
     `label_noise` of pairs, flipped (humans disagree too), flagged by "noisy".
     """
-    if task == "reviews":
+    if task in _SFT_ONLY:
         if kind != "sft":
-            raise ValueError("synthetic:reviews has plain texts only, no preference pairs")
-        return reviews(n, seed)
+            raise ValueError(f"synthetic:{task} has no preference pairs")
+        return _SFT_ONLY[task](n, seed)
     if task not in _TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; choose one of {', '.join(TASKS)}")
     make_prompt, styles, _ = _TASKS[task]

@@ -4,6 +4,8 @@
     CallableReward("my_pkg.rewards:reward_fn")        fn(samples, prompts, outputs, **metadata), as trlx
     HttpReward("https://host/score")                  JSON batch in, JSON list out (trlx's Triton server)
     DeltaReward(source)                               score minus the score of the reference completion
+    WeightedReward([(name, source, weight), ...])     several sources summed with weights, each kept for logs
+    rules.exact_match, rules.answer_format            rule-based rewards of verifiable tasks (rewards/rules.py)
 
 `make_reward(...)` builds one from the CLI flags; every failure is a UserError of one sentence.
 """
@@ -11,12 +13,14 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import math
 import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -57,6 +61,13 @@ def _checked(scores, n: int, where: str) -> list[float]:
     if bad is not None:
         raise UserError(f"{where} returned a non-finite score ({values[bad]}) for sample {bad}")
     return values
+
+
+def columns_of(rows: list[dict] | None) -> dict[str, list]:
+    """Rows' other data columns as one list per column: what a reward function gets by name (as in TRL)."""
+    if not rows:
+        return {}
+    return {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("references", "prompts", "outputs", "samples")}
 
 
 class CheckpointReward:
@@ -127,10 +138,21 @@ class CallableReward:
             raise UserError(f"reward module '{module_name}' has no function '{fn_name}'")
         self.name = spec
 
+    def _accepted(self, metadata: dict) -> dict:
+        """The metadata (references, the data's other columns) the function takes: all of it with **kwargs,
+        else the names in its signature (a trlx-style fn(samples, prompts, outputs) still works)."""
+        try:
+            params = inspect.signature(self.fn).parameters
+        except (TypeError, ValueError):
+            return metadata
+        if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            return metadata
+        return {k: v for k, v in metadata.items() if k in params}
+
     def score(self, prompts: list[str], completions: list[str], **metadata) -> list[float]:
         samples = [p + c for p, c in zip(prompts, completions)]
         try:
-            scores = self.fn(samples=samples, prompts=prompts, outputs=completions, **metadata)
+            scores = self.fn(samples=samples, prompts=prompts, outputs=completions, **self._accepted(metadata))
         except (UserError, KeyboardInterrupt):
             raise
         except BaseException as e:  # user code: SystemExit / sys.exit() must not end the run with exit 0
@@ -206,6 +228,59 @@ class DeltaReward:
         both = self.source.score(prompts + prompts, completions + list(refs))
         n = len(prompts)
         return [a - b for a, b in zip(both[:n], both[n:])]
+
+
+class WeightedReward:
+    """The weighted sum of several sources; `last` keeps each source's scores of the latest call (for logs)."""
+
+    def __init__(self, parts: list[tuple[str, object, float]]):
+        self.parts = parts
+        self.name = " + ".join(f"{w:g} x {n}" for n, _, w in parts)
+        self.last: dict[str, list[float]] = {}
+
+    def score(self, prompts: list[str], completions: list[str], **metadata) -> list[float]:
+        self.last = {name: source.score(prompts, completions, **metadata) for name, source, _ in self.parts}
+        return [sum(w * self.last[name][i] for name, _, w in self.parts) for i in range(len(prompts))]
+
+
+def _source_name(e) -> str:
+    if e.name:
+        return e.name
+    if e.fn:
+        return e.fn.rsplit(":", 1)[-1]
+    if e.url:
+        return urllib.parse.urlparse(e.url).netloc or e.url
+    return Path(e.ckpt or e.classifier).name or (e.ckpt or e.classifier)
+
+
+def weighted_names(sources, weights) -> list[tuple[str, float]]:
+    """(name, weight) of each of `reward.sources`, checked: exactly one kind each, finite weights, and one
+    weight per source in `weights` (TRL's reward_weights) when given. Loads nothing (also for --dry-run)."""
+    if not sources:
+        raise UserError("reward.sources is empty; give at least one {fn|ckpt|url|classifier, weight}")
+    if weights is not None and len(weights) != len(sources):
+        raise UserError(f"reward.weights has {len(weights)} weight(s) for {len(sources)} reward source(s); "
+                        "give one weight per source, in order")
+    out: list[tuple[str, float]] = []
+    for i, e in enumerate(sources):
+        given = [x for x in (e.ckpt, e.fn, e.url, e.classifier) if x]
+        if len(given) != 1:
+            raise UserError(f"reward.sources[{i}] must give exactly one of ckpt, fn, url, classifier; got {len(given)}")
+        name = _source_name(e)
+        if name in {n for n, _ in out}:
+            name = f"{name}_{i}"
+        weight = weights[i] if weights is not None else e.weight
+        if not math.isfinite(weight):
+            raise UserError(f"reward.sources[{i}] ({name}) has weight {weight}; a weight must be a finite number")
+        out.append((name, weight))
+    return out
+
+
+def make_weighted(sources, weights, **kw) -> WeightedReward:
+    """`reward.sources` (and TRL-style `reward.weights`) as one WeightedReward; `kw` as make_reward's."""
+    named = weighted_names(sources, weights)
+    return WeightedReward([(name, make_reward(e.ckpt, e.fn, e.url, classifier=e.classifier, **kw), weight)
+                           for (name, weight), e in zip(named, sources)])
 
 
 def make_reward(ckpt: str | None = None, fn: str | None = None, url: str | None = None, delta: bool = False,

@@ -139,6 +139,7 @@ class GRPOStage(online.OnlineStage):
                **{k: distributed.all_reduce(v) for k, v in group_stats(scores, g.num_generations).items()},
                "rollout/response_length": distributed.all_reduce(ro.mask.sum(1).mean().item()),
                **{f"time/{k}": v for k, v in timings.items()}}
+        log.update({f"rollout/reward/{k}": distributed.all_reduce(v) for k, v in self.scorer.take_parts().items()})
         gold = mean_gold(ro.prompts, ro.texts)
         if gold is not None:
             log["rollout/gold"] = distributed.all_reduce(gold)

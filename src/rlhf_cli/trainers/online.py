@@ -13,6 +13,7 @@ import torch
 
 from ..errors import UserError
 from ..models import count_params, expect_kind
+from ..rewards import weighted_names
 from . import common
 from .online_eval import evaluate, show_samples
 from .rollouts import iteration_steps, load_policy, load_prompts, total_iterations
@@ -21,6 +22,8 @@ from .stage import Micro, Stage
 
 def reward_label(cfg) -> str:
     r = cfg.reward
+    if r.sources is not None:  # checked here too, so that --dry-run refuses a bad list
+        return " + ".join(f"{w:g} x {n}" for n, w in weighted_names(r.sources, r.weights))
     src = r.ckpt or r.fn or r.url or r.classifier or "none given (pass --reward-ckpt / --reward-fn / --reward-url)"
     return f"{src}{' minus the reference completion' if r.delta else ''}"
 

@@ -42,9 +42,13 @@ def evaluate(model, reference, tok, data: PromptData, scorer: Scorer, cfg, devic
     responses = generate(model.policy, tok, queries, cfg.eval.generation, cfg.eval.batch_size, cfg.eval.seed,
                          progress, cfg.online.stop_sequences, keep_eos=True, synced_gpus=synced)
     texts = tok.batch_decode(responses, skip_special_tokens=True)
-    rewards, raw = scorer(prompts, texts, refs) if scorer.delta else (None, scorer.source.score(prompts, texts))
+    columns = (data.eval_columns or [])[: len(pairs)] or None
+    scorer.take_parts()  # the eval's own per-source means below, not the rollouts'
+    rewards, raw = scorer(prompts, texts, refs, columns) if scorer.delta else (None, scorer.raw(prompts, texts, refs,
+                                                                                                 columns))
     m: dict = {}
     m["eval/reward"], m["eval/reward_stderr"] = mean_and_stderr(raw)
+    m.update({f"eval/reward/{k}": v for k, v in scorer.take_parts().items()})
     if rewards is not None:
         m["eval/reward_delta"], m["eval/reward_delta_stderr"] = mean_and_stderr(rewards)
     gold = gold_scores(prompts, texts)

@@ -19,7 +19,7 @@ from ..data.tokenize import encode_prompt
 from ..errors import UserError
 from ..losses.ppo import token_logprobs
 from ..models import load_trained_policy, max_positions
-from ..rewards import make_reward
+from ..rewards import columns_of, make_reward, make_weighted
 from ..sampling import ResponseBatch, collate_responses, generate, sample
 from . import common, sft
 from .loop import fit
@@ -34,6 +34,8 @@ class PromptData:
     fingerprint: str
     notes: list[str]
     train_ids: list[list[int]] | None = None  # the train prompts tokenized once, before the loop
+    train_columns: list[dict] | None = None  # each prompt's other data columns (e.g. `answer`), for reward fns
+    eval_columns: list[dict] | None = None
 
 
 def load_prompts(cfg) -> PromptData:
@@ -44,19 +46,21 @@ def load_prompts(cfg) -> PromptData:
     split, fmt = load_formatted(cfg.data, kind="sft", seed=cfg.seed,
                                 chat=common.chat_renderer(cfg, cfg.policy_source))
 
-    def pairs(rows):
+    def pairs(rows) -> tuple[list, list[dict]]:
         examples, _ = formats.sft_examples(rows, fmt)
         if fmt == "text":
             n = cfg.online.prompt_words
-            return [(" ".join(e.completion.split()[:n]), None) for e in examples if len(e.completion.split()) > n]
-        return [(e.prompt, e.completion or None) for e in examples if e.prompt]  # None: prompt-only data
+            kept = [e for e in examples if len(e.completion.split()) > n]
+            return [(" ".join(e.completion.split()[:n]), None) for e in kept], [e.meta for e in kept]
+        kept = [e for e in examples if e.prompt]
+        return [(e.prompt, e.completion or None) for e in kept], [e.meta for e in kept]  # None: prompt-only data
 
-    train, held = pairs(split.train), pairs(split.eval)
+    (train, train_cols), (held, held_cols) = pairs(split.train), pairs(split.eval)
     if cfg.data.max_examples:
-        train = train[: cfg.data.max_examples]
+        train, train_cols = train[: cfg.data.max_examples], train_cols[: cfg.data.max_examples]
     if not train:
-        raise UserError(f"dataset '{cfg.data.source}' has no prompts for ppo")
-    return PromptData(train, held, fmt, split.fingerprint(), split.notes)
+        raise UserError(f"dataset '{cfg.data.source}' has no prompts for {cfg.stage}")
+    return PromptData(train, held, fmt, split.fingerprint(), split.notes, None, train_cols, held_cols)
 
 
 def load_policy(cfg, path: str):
@@ -78,11 +82,19 @@ def warm_up_tiny_policy(cfg, dest: Path, console) -> str:
 
 def make_reward_source(cfg, device):
     r = cfg.reward
-    if not any((r.ckpt, r.fn, r.url, r.classifier)):
+    single = any((r.ckpt, r.fn, r.url, r.classifier))
+    kw = dict(device=r.device or str(device), positive_label=r.positive_label, batch_size=r.batch_size,
+              max_length=cfg.data.max_length, token_env=r.token_env)
+    if r.sources is not None:
+        if single:
+            raise UserError("give the reward either as reward.sources or as one of reward.ckpt / fn / url / classifier, "
+                            "not both")
+        return make_weighted(r.sources, r.weights, **kw)
+    if r.weights is not None:
+        raise UserError("reward.weights weighs the entries of reward.sources, and there are none")
+    if not single:
         raise UserError(f"{cfg.stage} needs a reward: pass --reward-ckpt runs/rm, --reward-fn module:function or --reward-url")
-    return make_reward(r.ckpt, r.fn, r.url, device=r.device or str(device), classifier=r.classifier,
-                       positive_label=r.positive_label, batch_size=r.batch_size, max_length=cfg.data.max_length,
-                       token_env=r.token_env)
+    return make_reward(r.ckpt, r.fn, r.url, classifier=r.classifier, **kw)
 
 
 class Scorer:
@@ -94,6 +106,20 @@ class Scorer:
     def __init__(self, source, delta: bool):
         self.source, self.delta = source, delta
         self._ref: dict[tuple[str, str], float] = {}
+        self._parts: dict[str, list[float]] = {}  # each weighted source's scores since take_parts
+
+    def raw(self, prompts, completions, refs, columns: list[dict] | None = None) -> list[float]:
+        """The source's scores; the references and the data's other columns go along by name."""
+        out = self.source.score(prompts, completions, references=list(refs), **columns_of(columns))
+        for name, scores in getattr(self.source, "last", {}).items():
+            self._parts.setdefault(name, []).extend(scores)
+        return out
+
+    def take_parts(self) -> dict[str, float]:
+        """Mean score of each weighted source since the last call (empty for a single source)."""
+        out = {name: sum(v) / len(v) for name, v in self._parts.items() if v}
+        self._parts = {}
+        return out
 
     def reference_scores(self, prompts, refs) -> list[float]:
         todo = sorted({(p, r) for p, r in zip(prompts, refs) if (p, r) not in self._ref})
@@ -102,9 +128,9 @@ class Scorer:
                 self._ref[key] = s
         return [self._ref[(p, r)] for p, r in zip(prompts, refs)]
 
-    def __call__(self, prompts, completions, refs) -> tuple[list[float], list[float]]:
+    def __call__(self, prompts, completions, refs, columns: list[dict] | None = None) -> tuple[list[float], list[float]]:
         """(rewards used for training, raw scores)."""
-        raw = self.source.score(prompts, completions)
+        raw = self.raw(prompts, completions, refs, columns)
         if not self.delta:
             return raw, raw
         if any(r is None for r in refs):
@@ -200,7 +226,8 @@ def collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, 
         txt = tok.batch_decode(r, skip_special_tokens=True)
         t = time.perf_counter()
         try:
-            rewards, raw_scores = scorer([p for p, _ in chunk], txt, [ref for _, ref in chunk])
+            rewards, raw_scores = scorer([p for p, _ in chunk], txt, [ref for _, ref in chunk],
+                                         [data.train_columns[i] for i in idx] if data.train_columns else None)
         except UserError as e:  # e.g. a NaN score: name where the run stopped (its last checkpoint is kept)
             raise UserError(f"at step {state['step']} (iteration {state['iteration'] + 1}): {e}") from None
         timings["score"] += time.perf_counter() - t
