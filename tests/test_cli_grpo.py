@@ -161,3 +161,19 @@ def test_gsm8k_shaped_data_with_a_system_prompt_trains_on_the_reference_answers(
     truth = [s["reference"].split("#### ")[1].split("<")[0] for s in samples]
     assert exact_match(outputs=[f"<answer>{t}</answer>" for t in truth],
                        references=[s["reference"] for s in samples]) == [1.0] * len(samples)
+
+
+@pytest.mark.slow  # ~4 min: the README's arith table
+def test_arith_pipeline_raises_held_out_accuracy_by_15_points(tmp_path):
+    """make arith-pipeline's three commands: sft, grpo with rule-based rewards, eval of both on held-out problems."""
+    cfg = ROOT / "stage_configs"
+    for args in (["sft", "--config", str(cfg / "arith_sft.yaml"), "--output-dir", str(tmp_path / "sft")],
+                 ["grpo", "--config", str(cfg / "arith_grpo.yaml"), "--policy", str(tmp_path / "sft"),
+                  "--output-dir", str(tmp_path / "grpo")],
+                 ["eval", "--ckpt", str(tmp_path / "sft"), "--ckpt", str(tmp_path / "grpo"), "--no-rouge", "--reward",
+                  "--reward-fn", "rlhf_cli.rewards.rules:exact_match", "--output-dir", str(tmp_path / "eval")]):
+        r = run_cli(*args)
+        assert r.exit_code == 0, r.output
+    sft, grpo = json.loads((tmp_path / "eval" / "report.json").read_text())["results"]
+    assert grpo["gold"] - sft["gold"] >= 0.15, (sft["gold"], grpo["gold"])
+    assert grpo["reward"] == grpo["gold"]  # exact_match against the answer column is the accuracy
