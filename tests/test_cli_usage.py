@@ -121,7 +121,7 @@ def test_the_packaged_recipes_work_from_any_directory(tmp_path, monkeypatch):
     r = run_cli("dpo", "--config", "tldr_dpo.yaml", "--preset", "gptj", "--dry-run", "--output-dir", "o")
     assert_planned_then_refused_here(r)  # the accelerate config was found: it asks for 8 GPUs
     line = _one_error_line(run_cli("sft", "--config", "nope.yaml"))
-    assert "config file nope.yaml does not exist (packaged recipes: chat_dpo.yaml, chat_ppo.yaml, chat_rm.yaml, chat_sft.yaml, hh_dpo.yaml" in line
+    assert "config file nope.yaml does not exist (packaged recipes: arith_grpo.yaml, arith_sft.yaml, chat_dpo.yaml, chat_ppo.yaml, chat_rm.yaml" in line
 
 
 CARD = """rlhf sft --config tldr_sft.yaml
