@@ -88,21 +88,40 @@ def test_ppo_under_zero_with_two_processes(zero, sft_ckpt, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [0, 2])  # 0: DDP
-def test_grpo_with_two_processes(zero, sft_ckpt, tmp_path):
-    """Each process samples whole groups of its own prompts; the update is over both processes' groups."""
-    out = tmp_path / "grpo"
+def test_grpo_with_two_processes_matches_one(zero, sft_ckpt, tmp_path, monkeypatch):
+    """Each process samples whole groups of its own prompts; each completion's sampling noise follows its
+    prompt (not its process), advantages take the whole iteration's statistics (batch-scaled here), and the
+    update is over both processes' groups: the same steps as one process with the whole batch."""
     ds = ["--set", f"distributed.deepspeed_config={ACC / f'ds_zero{zero}.json'}"] if zero else []
-    _run(["grpo", "--config", str(ROOT / "stage_configs" / "tldr_grpo.yaml"), "--policy", str(sft_ckpt),
-          "--reward-fn", "rlhf_cli.data.synthetic:gold_reward_fn", "--output-dir", str(out),
-          "--set", "data.synthetic.num_train=64", "--set", "data.synthetic.num_eval=8", "--set", "train.batch_size=4",
-          "--set", "train.max_steps=4", "--set", "grpo.num_rollouts=16", "--set", "grpo.num_generations=4",
-          "--set", "grpo.chunk_size=2", "--set", "grpo.generation.max_new_tokens=6", "--set", "reward.delta=false",
-          "--set", "eval.num_samples=8", "--set", "eval.generation.max_new_tokens=6", "--set", "checkpoint.interval=2",
+    # the micro policy's completions score 0 gold: a reward that tells any two texts apart
+    (tmp_path / "lengthy.py").write_text("def score(samples, prompts, outputs, **kw):\n"
+                                         "    return [len(set(o)) / 10 for o in outputs]\n")
+    monkeypatch.chdir(tmp_path)
+    common = ["grpo", "--config", str(ROOT / "stage_configs" / "tldr_grpo.yaml"), "--policy", str(sft_ckpt),
+              "--reward-fn", "lengthy:score",
+              "--set", "data.synthetic.num_train=64", "--set", "data.synthetic.num_eval=8", "--set", "train.max_steps=3",
+              "--set", "train.log_interval=1", "--set", "grpo.num_rollouts=16", "--set", "grpo.num_generations=4",
+              "--set", "grpo.num_iterations=1", "--set", "grpo.scale_rewards=batch",
+              "--set", "grpo.generation.max_new_tokens=6", "--set", "reward.delta=false", "--set", "eval.num_samples=8",
+              "--set", "eval.generation.max_new_tokens=6", "--set", "checkpoint.interval=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    # one optimizer step per iteration: the whole iteration's 16 completions, on one process or split over two
+    _run([*common, "--output-dir", str(one), "--set", "train.batch_size=16", "--set", "grpo.chunk_size=4"])
+    _run([*common, "--output-dir", str(two), "--set", "train.batch_size=8", "--set", "grpo.chunk_size=2",
           "--set", "distributed.num_processes=2", *ds])
-    m = json.loads((out / "rlhf_stage.json").read_text())
-    assert m["status"] == "complete" and m["step"] == 4 and not (out / "value_head.safetensors").exists()
+    m = json.loads((two / "rlhf_stage.json").read_text())
+    assert m["status"] == "complete" and m["step"] == 3 and not (two / "value_head.safetensors").exists()
+
+    def logged(out, key):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r[key] for r in rows if key in r]
+    for key in ("rollout/reward", "rollout/response_length", "train/loss", "train/kl", "train/clip_high"):
+        a, b = logged(one, key), logged(two, key)
+        assert len(a) == len(b) == 3, key
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6), key
+    assert len(set(logged(one, "rollout/reward"))) > 1  # the policy changed between iterations
     code = "import sys, transformers as t; t.AutoModelForCausalLM.from_pretrained(sys.argv[1])"
-    assert subprocess.run([sys.executable, "-c", code, str(out)]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code, str(two)]).returncode == 0
 
 
 def test_every_gpu_preset_dry_runs_with_a_memory_estimate(sft_ckpt, tmp_path, monkeypatch):

@@ -99,3 +99,37 @@ def test_padding_never_runs_past_the_models_positions(family):
     groups = [[[1] * 9 + [2, 3], [1] * 9 + [4]], [[5, 6] + [7] * 10, [5, 6, 8]]]
     logps, n = shared_prompt.completion_logps(model, shared_prompt.split(groups, [9, 2], PAD))
     assert n.tolist() == [2, 1, 10, 1] and torch.isfinite(logps).all()
+
+
+def test_grpo_groups_run_once_give_the_response_logits_of_the_whole_sequences():
+    """GRPO's micro-batch of whole groups: PolicyOnly's shared forward equals rollouts.response_outputs on the
+    left-padded queries and right-padded responses, at every real response token; and sampling G responses
+    from one prefill equals sampling each copy of the prompt."""
+    from rlhf_cli.config import GenerationConfig
+    from rlhf_cli.heads import PolicyOnly
+    from rlhf_cli.sampling import collate_responses, row_noise, sample
+    from rlhf_cli.trainers.grpo import whole_groups
+    from rlhf_cli.trainers.rollouts import response_outputs
+
+    model = PolicyOnly(_model("gpt2", "causal"))
+    queries = [p for p in PROMPTS for _ in range(2)]
+    responses = [c for cs in COMPLETIONS for c in cs]
+    assert whole_groups([2, 3, 0, 1], 2) and not whole_groups([1, 2], 2) and not whole_groups([0, 1, 2], 2)
+    b = collate_responses(queries, responses, PAD, torch.device("cpu"))
+    want, _ = response_outputs(model, b)
+    s = shared_prompt.split([[p + c for c in cs] for p, cs in zip(PROMPTS, COMPLETIONS)], [len(p) for p in PROMPTS],
+                            PAD)
+    got, _ = model(shared=s)
+    mask = b.mask.bool()
+    torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=1e-5)
+
+    class Tok:
+        eos_token_id, pad_token_id = 1, PAD
+    gen = GenerationConfig(max_new_tokens=5, do_sample=True)
+    noise = row_noise([(0, 0, i, j) for i in range(3) for j in range(2)], 5)
+    with torch.no_grad():
+        one = sample(model.policy, Tok(), PROMPTS, gen, noise=noise, repeats=2)
+        each = sample(model.policy, Tok(), queries, gen, noise=noise)
+    assert one.responses == each.responses
+    for a, c in zip(one.logprobs, each.logprobs):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ from torch.func import functional_call
 from .checkpoint import load_tensors
 from .errors import UserError, is_corrupt_safetensors
 from .models import position_ids, sequence_rewards
-from .shared_prompt import completion_rewards
+from .shared_prompt import completion_logits, completion_rewards
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -103,9 +103,14 @@ class PolicyOnly(nn.Module):
     def config(self):
         return self.policy.config
 
-    def forward(self, input_ids, attention_mask, num_logits: int):
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids(attention_mask), use_cache=False, logits_to_keep=num_logits).logits
+    def forward(self, input_ids=None, attention_mask=None, num_logits: int = 0, shared=None):
+        """(logits, zero values) of the last `num_logits` positions; with `shared` (a shared_prompt.Shared),
+        the completions' logits, each prompt run once (through this forward, so DDP and DeepSpeed see it)."""
+        if shared is not None:
+            logits = completion_logits(self.policy, shared)
+        else:
+            logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(
+                attention_mask), use_cache=False, logits_to_keep=num_logits).logits
         return logits, torch.zeros(logits.shape[:2], device=logits.device)
 
     def save_pretrained(self, dest, state_dict=None, safe_serialization=True, **kw):

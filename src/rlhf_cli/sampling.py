@@ -135,13 +135,28 @@ class ILQLSteering:
         return steered_logits(scores, target_qs, v, self.beta)
 
 
-def draw(probs: torch.Tensor) -> torch.Tensor:
+def draw(probs: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) one token per row of (B, V) probabilities, by inverse CDF: one uniform number per row
     (torch.multinomial and Gumbel-max draw one per vocabulary entry, which costs more than a whole
-    decode step of a small model on CPU). `right=True` never lands on a zero-probability token."""
+    decode step of a small model on CPU). `right=True` never lands on a zero-probability token.
+    `u`: the (B,) uniform numbers to use (default: drawn from the global RNG)."""
     cdf = probs.double().cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
+    if u is None:
+        u = torch.rand(probs.shape[0], device=probs.device, dtype=torch.float64)
+    u = u.to(device=probs.device, dtype=torch.float64).unsqueeze(-1) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def row_noise(keys: list[tuple[int, ...]], steps: int) -> torch.Tensor:
+    """(len(keys), steps) uniform numbers, row i from its own generator seeded by `keys[i]` (like vLLM's
+    per-request seed): a completion's randomness follows its key, whatever batch or process it is drawn in."""
+    rows = []
+    for key in keys:
+        h = 0
+        for k in key:  # a stable mix of the key's integers (Python's hash() of ints is too regular)
+            h = (h * 1_000_003 + int(k) + 0x9E3779B9) % (2 ** 61 - 1)
+        rows.append(torch.rand(steps, generator=torch.Generator().manual_seed(h), dtype=torch.float64))
+    return torch.stack(rows) if rows else torch.zeros(0, steps, dtype=torch.float64)
 
 
 @dataclass
@@ -163,12 +178,17 @@ class _Steps:
 
 @torch.no_grad()
 def sample(policy, tokenizer, prompt_ids: list[list[int]], gen_cfg, stop_sequences=(), value_head=None,
-           processors: LogitsProcessorList | None = None) -> Sampled | None:
+           processors: LogitsProcessorList | None = None, noise: torch.Tensor | None = None,
+           repeats: int = 1) -> Sampled | None:
     """Sample a response for each prompt (left-padded, one batch), token by token with the KV cache.
 
     `processors` (default: `gen_cfg`'s temperature / top-k / top-p) turn the logits into the scores that
     are sampled (`do_sample`) or maximised; a processor whose `__call__` takes `hidden_states` gets the
     step's final hidden state. With `value_head`, the value of each state before a token comes along.
+    `noise`: (B, max_new_tokens) uniform numbers, row b's draw at step t (`row_noise`): each row's sample
+    then depends on its own numbers only, not on the batch it shares (default: the global RNG).
+    `repeats`: sample that many responses of each prompt (rows b * repeats + j), the prompt run once and its
+    keys/values shared (GRPO's groups: G times less prefill).
     None in the rare case that a stop string ends right at the last sampled token (the EOS put after it
     has no logits yet): the caller then scores the responses with a forward pass.
     """
@@ -177,23 +197,29 @@ def sample(policy, tokenizer, prompt_ids: list[list[int]], gen_cfg, stop_sequenc
     if processors is None:
         processors = warpers(gen_cfg.temperature, gen_cfg.top_k, gen_cfg.top_p) if gen_cfg.do_sample else []
     hidden = value_head is not None or any(_wants_hidden(p) for p in processors)
-    B = len(prompt_ids)
+    B = len(prompt_ids) * repeats
     ids = pad_left(prompt_ids, pad).to(device)
     mask = pad_left([[1] * len(p) for p in prompt_ids], 0).to(device)
-    pos = position_ids(mask)[:, -1:]
     cache = new_cache(policy)
     out = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
                  output_hidden_states=hidden, logits_to_keep=1, **with_cache(policy, cache))
+    if repeats > 1:  # every repeat continues from the one prefill
+        cache.batch_repeat_interleave(repeats)
+        mask = mask.repeat_interleave(repeats, 0)
+        out.logits = out.logits.repeat_interleave(repeats, 0)
+        if hidden:
+            out.hidden_states = tuple(h.repeat_interleave(repeats, 0) for h in out.hidden_states)
+    pos = position_ids(mask)[:, -1:]
     steps = _Steps([], [], [], [])
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    for _ in range(gen_cfg.max_new_tokens):
+    for t in range(gen_cfg.max_new_tokens):
         logits = out.logits[:, -1].float()
         h = out.hidden_states[-1][:, -1] if hidden else None
         if value_head is not None:
             steps.values.append(value_head(h).squeeze(-1).float())
         logp = F.log_softmax(logits, -1)
         scores = processors(None, logits, hidden_states=h) if processors else logits
-        nxt = draw(scores.softmax(-1)) if gen_cfg.do_sample else scores.argmax(-1)
+        nxt = draw(scores.softmax(-1), None if noise is None else noise[:, t]) if gen_cfg.do_sample else scores.argmax(-1)
         nxt = nxt.masked_fill(done, pad)
         steps.tokens.append(nxt)
         steps.logprobs.append(logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1))

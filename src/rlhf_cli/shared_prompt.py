@@ -81,12 +81,17 @@ def _completion_pass(fwd, s: Shared, cache):
                position_ids=positions, use_cache=True, **with_cache(fwd, cache))
 
 
-def completion_logps(model, s: Shared) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B*k,) summed log-probs of each completion under a causal LM, and (B*k,) token counts."""
+def completion_logits(model, s: Shared) -> torch.Tensor:
+    """(B*k, Tc, V) logits of a causal LM: row t predicts completion token t."""
     out, cache = _prompt_pass(model, s, logits_to_keep=1)
     first = out.logits[:, -1:].repeat_interleave(s.k, 0)  # predicts each completion's first token
     rest = _completion_pass(model, s, cache).logits[:, :-1]
-    logits = torch.cat([first, rest], 1).float()  # (B*k, Tc, V): row t predicts completion token t
+    return torch.cat([first, rest], 1)
+
+
+def completion_logps(model, s: Shared) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B*k,) summed log-probs of each completion under a causal LM, and (B*k,) token counts."""
+    logits = completion_logits(model, s).float()
     token = torch.gather(F.log_softmax(logits, -1), 2, s.completion_ids.unsqueeze(-1)).squeeze(-1)
     mask = s.completion_mask.bool()
     return (token * mask).sum(-1), mask.sum(-1)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ck
+from .. import shared_prompt
 from ..data.tokenize import encode_prompt
 from ..errors import UserError
 from ..heads import FrozenCopy, PolicyOnly, Reference
@@ -70,6 +71,22 @@ def group_stats(scores: torch.Tensor, g: int) -> dict:
     std = scores.view(-1, g).std(dim=1)
     return {"rollout/reward_std_in_group": std.mean().item(),
             "rollout/frac_groups_zero_std": (std < 1e-6).float().mean().item()}
+
+
+def group_minibatches(n: int, g: int, passes: int, size: int) -> list[list[int]]:
+    """`online.minibatches` with the groups shuffled whole (their completions stay side by side), so that a
+    micro-batch holding whole groups runs each prompt once (`whole_groups`)."""
+    out = []
+    for _ in range(passes):
+        order = [p * g + j for p in torch.randperm(n // g).tolist() for j in range(g)]
+        out += [order[i: i + size] for i in range(0, n - size + 1, size)]
+    return out
+
+
+def whole_groups(idx: list[int], g: int) -> bool:
+    """Whether `idx` is whole groups of g completions (each group's in order)."""
+    return len(idx) % g == 0 and all(idx[k] == idx[k - k % g] + k % g and idx[k - k % g] % g == 0
+                                     for k in range(len(idx)))
 
 
 class GRPOStage(online.OnlineStage):
@@ -123,11 +140,15 @@ class GRPOStage(online.OnlineStage):
         timings = {"generate": 0.0, "score": 0.0, "forward": 0.0}
         ro = collect_rollouts(self.core, self.reference, self.tokenizer, self.data, self.scorer, self.prompt_batches,
                               state, cfg, self.acc.device, timings, self.progress, g.num_rollouts // self.world[1],
-                              self.zero3, repeats=g.num_generations)
+                              self.zero3, repeats=g.num_generations, keyed=True)
         scores = ro.scores.to(self.acc.device)
-        # a group lives on one process, so group advantages need no collective; "batch" std is this process's
-        advantages = group_advantages(scores, g.num_generations, g.advantage, g.scale_rewards,
-                                      lengths=ro.mask.sum(1))
+        # advantages of every process's completions (as TRL gathers them): a group lives on one process, but
+        # "batch" scaling and REINFORCE++'s whitening take the statistics of the whole iteration
+        rank, n = self.world[0], len(scores)
+        every = torch.tensor(distributed.all_gather(ro.scores.tolist()), device=scores.device)
+        lengths = torch.tensor(distributed.all_gather(ro.mask.sum(1).tolist()), device=scores.device)
+        advantages = group_advantages(every, g.num_generations, g.advantage, g.scale_rewards,
+                                      lengths=lengths)[rank * n: (rank + 1) * n]
         mask = ro.mask
         if g.mask_truncated_completions:
             eos = self.tokenizer.eos_token_id
@@ -143,8 +164,8 @@ class GRPOStage(online.OnlineStage):
         gold = mean_gold(ro.prompts, ro.texts)
         if gold is not None:
             log["rollout/gold"] = distributed.all_reduce(gold)
-        minibatches = online.minibatches(len(ro.queries), g.num_iterations,
-                                         cfg.train.batch_size * cfg.train.gradient_accumulation_steps)
+        minibatches = group_minibatches(len(ro.queries), g.num_generations, g.num_iterations,
+                                        cfg.train.batch_size * cfg.train.gradient_accumulation_steps)
         exp = Experience(ro, advantages, mask, log, minibatches, time.perf_counter())
         exp.log["time/experience"] = exp.t_train - t0
         return exp
@@ -161,7 +182,9 @@ class GRPOStage(online.OnlineStage):
         b = collate_responses([ro.queries[i] for i in idx], [ro.responses[i] for i in idx],
                               self.tokenizer.pad_token_id, self.acc.device)
         R = b.responses.shape[1]
-        logits, _ = response_outputs(model, b)
+        logits = self.shared_logits(model, idx)
+        if logits is None:
+            logits, _ = response_outputs(model, b)
         lse = torch.logsumexp(logits.float(), dim=-1)
         logprobs = token_logprobs(logits, b.responses, lse)
         mask = exp.mask[idx, :R]
@@ -175,6 +198,17 @@ class GRPOStage(online.OnlineStage):
                  "kl": out.kl * per_token,
                  "entropy": entropy(logits.detach(), mask, lse.detach()) * micro.units}
         return StepLoss(out.loss_sum, {k: float(v) for k, v in stats.items()})
+
+    def shared_logits(self, model, idx: list[int]) -> torch.Tensor | None:
+        """(B, R, V) response logits with each group's prompt run once (P + G R tokens, not G (P + R)); None
+        when the micro-batch is not whole groups or the model cannot share a cache (gradient checkpointing)."""
+        g, ro = self.cfg.grpo.num_generations, self.experience.rollouts
+        if not whole_groups(idx, g) or not shared_prompt.usable(model):
+            return None
+        groups = [[ro.queries[i] + ro.responses[i] for i in idx[k: k + g]] for k in range(0, len(idx), g)]
+        s = shared_prompt.split(groups, [len(ro.queries[idx[k]]) for k in range(0, len(idx), g)],
+                                self.tokenizer.pad_token_id)
+        return None if s is None else model(shared=s.to(self.acc.device))[0]
 
     def after_step(self, state: dict) -> dict:
         exp = self.experience

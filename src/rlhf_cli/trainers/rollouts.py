@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..losses.ppo import token_logprobs
 from ..models import load_trained_policy, max_positions
 from ..rewards import columns_of, make_reward, make_weighted
-from ..sampling import ResponseBatch, collate_responses, generate, sample
+from ..sampling import ResponseBatch, collate_responses, generate, row_noise, sample
 from . import common, sft
 from .loop import fit
 
@@ -199,10 +199,13 @@ def check_lengths(cfg, policy) -> None:
 
 @torch.no_grad()
 def collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, cfg, device, timings,
-                     progress, num_rollouts: int, synced: bool = False, repeats: int = 1) -> Rollouts:
+                     progress, num_rollouts: int, synced: bool = False, repeats: int = 1,
+                     keyed: bool = False) -> Rollouts:
     """This process's `num_rollouts` rollouts; every process scores its own (no rank-0 bottleneck).
     `repeats`: completions per prompt, side by side (GRPO's groups). Without a value head the values are 0;
-    without a reference (None) so are its log-probs."""
+    without a reference (None) so are its log-probs. `keyed`: each completion's sampling noise is seeded by
+    (seed, prompt batch, prompt, repeat), so the rollouts do not depend on how prompts are split over
+    processes or generate calls (not under ZeRO-3, where transformers' generate samples)."""
     ppo = cfg.online
     queries, responses, texts, prompts, raw, used = [], [], [], [], [], []
     lps, refs_lp, vals = [], [], []
@@ -210,7 +213,10 @@ def collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, 
     task = progress.add_task("rollouts", total=num_rollouts, info="")
     while len(queries) < num_rollouts:
         idx = prompt_batches.indices(state["prompt_position"])[: (num_rollouts - len(queries)) // repeats]
+        noise = row_noise([(cfg.seed, state["prompt_position"], i, j) for i in idx for j in range(repeats)],
+                          ppo.generation.max_new_tokens) if keyed else None
         state["prompt_position"] += 1
+        unique = [data.train_ids[i] for i in idx] if data.train_ids is not None else None
         idx = [i for i in idx for _ in range(repeats)]
         chunk = [data.train[i] for i in idx]
         q = ([data.train_ids[i] for i in idx] if data.train_ids is not None
@@ -218,7 +224,9 @@ def collect_rollouts(core, reference, tok, data, scorer, prompt_batches, state, 
         t = time.perf_counter()
         # old log-probs and values come with the samples; under ZeRO-3 (every process steps until all
         # are done) HF generate samples and a forward pass scores
-        s = None if synced else sample(core.policy, tok, q, ppo.generation, ppo.stop_sequences, core.value_head)
+        shared = repeats > 1 and unique is not None  # a group's G samples share one prefill of its prompt
+        s = None if synced else sample(core.policy, tok, unique if shared else q, ppo.generation, ppo.stop_sequences,
+                                       core.value_head, noise=noise, repeats=repeats if shared else 1)
         r = s.responses if s is not None else generate(core.policy, tok, q, ppo.generation, len(q), None,
                                                        stop_sequences=ppo.stop_sequences, keep_eos=True,
                                                        synced_gpus=synced)
