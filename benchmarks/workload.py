@@ -7,7 +7,7 @@ every sequence fits `max_length` (neither side truncates or filters anything).
     workdir/<size>/data_sft/{train,test}.jsonl      {"prompt", "label"}
     workdir/<size>/data_rm/{train,test}.jsonl       {"prompt", "chosen", "rejected"}, EOS written out
     workdir/<size>/data_dpo/{train,test}.jsonl      {"prompt", "chosen", "rejected"}
-    workdir/<size>/data_prompts/{train,test}.jsonl  {"prompt", "label"} (PPO prompts)
+    workdir/<size>/data_prompts/{train,test}.jsonl  {"prompt", "label"} (PPO and GRPO prompts)
     workdir/<size>/spec.json      SIZES[size] plus the paths
 """
 
@@ -21,7 +21,10 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tldr"
 EOS = "<|endoftext|>"
 
 # Per method: batch (examples or pairs per optimizer step), steps, learning rate. PPO: rollouts per
-# iteration, iterations, mini-batch, PPO epochs, new tokens per rollout.
+# iteration, iterations, mini-batch, PPO epochs, new tokens per rollout. GRPO: G completions of each prompt,
+# completions per iteration (one generation batch), iterations, micro-batch x gradient-accumulation steps
+# (rollouts = batch_size x grad_accum: one optimizer step per generation batch, TRL's default layout),
+# new tokens per completion; beta 0, loss "dapo", one pass (num_iterations 1), reward `length_reward`.
 SIZES = {
     "tiny": {
         "model": {"n_layer": 2, "n_embd": 128, "n_head": 4},
@@ -31,6 +34,8 @@ SIZES = {
         "dpo": {"batch_size": 8, "steps": 20, "lr": 1e-4},
         "ppo": {"rollouts": 32, "iterations": 8, "mini_batch": 8, "ppo_epochs": 2, "max_new_tokens": 24,
                 "chunk_size": 16, "lr": 1e-5, "kl_coef": 0.05},
+        "grpo": {"generations": 4, "rollouts": 32, "iterations": 16, "batch_size": 8, "grad_accum": 4,
+                 "max_new_tokens": 24, "lr": 1e-5},
     },
     "medium": {
         "model": {"n_layer": 6, "n_embd": 256, "n_head": 8},
@@ -41,8 +46,30 @@ SIZES = {
         "dpo": {"batch_size": 8, "steps": 12, "lr": 1e-4},
         "ppo": {"rollouts": 16, "iterations": 3, "mini_batch": 8, "ppo_epochs": 2, "max_new_tokens": 32,
                 "chunk_size": 16, "lr": 1e-5, "kl_coef": 0.05},
+        "grpo": {"generations": 4, "rollouts": 16, "iterations": 4, "batch_size": 8, "grad_accum": 2,
+                 "max_new_tokens": 32, "lr": 1e-5},
     },
 }
+
+
+def rss_mb() -> float | None:
+    """This process's resident memory now, MiB (Linux; None elsewhere): the baseline that the GRPO cells'
+    peak RSS (ru_maxrss) is also given over."""
+    try:
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) / 1024
+
+
+def length_reward(prompts=None, completions=None, outputs=None, **_):
+    """The GRPO cells' reward, the same function on both sides: the completion's length in characters / 100
+    (cheap and deterministic, so scoring costs next to nothing on either side). rlhf_cli calls it as
+    fn(samples=, prompts=, outputs=, references=) (`reward.fn: workload:length_reward`), TRL as
+    fn(prompts=, completions=, completion_ids=, ...); both pass the completion text decoded without
+    special tokens."""
+    texts = completions if completions is not None else outputs
+    return [len(t) / 100 for t in texts]
 
 
 def _posts() -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
