@@ -59,7 +59,7 @@ arith-pipeline: install
 	$(RLHF) grpo --config stage_configs/arith_grpo.yaml --preset $(PRESET) --policy $(ARITH)/sft \
 		--output-dir $(ARITH)/grpo --resume
 	$(RLHF) eval --ckpt $(ARITH)/sft --ckpt $(ARITH)/grpo --no-rouge --reward \
-		--reward-fn rlhf_cli.rewards.rules:exact_match --output-dir $(ARITH)/eval
+		--reward-fn rlhf_cli.rewards.rules:exact_match --num-samples 1024 --output-dir $(ARITH)/eval
 
 # The HH workflow, one data set, every method: sft -> rm, then ppo, ilql and dpo from the sft
 # checkpoint, then one eval of all of them side by side (ILQL steered with beta 4).

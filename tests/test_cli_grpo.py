@@ -163,7 +163,7 @@ def test_gsm8k_shaped_data_with_a_system_prompt_trains_on_the_reference_answers(
                        references=[s["reference"] for s in samples]) == [1.0] * len(samples)
 
 
-@pytest.mark.slow  # ~4 min: the README's arith table
+@pytest.mark.slow  # ~6 min: the README's arith table
 def test_arith_pipeline_raises_held_out_accuracy_by_15_points(tmp_path):
     """make arith-pipeline's three commands: sft, grpo with rule-based rewards, eval of both on held-out problems."""
     cfg = ROOT / "stage_configs"
@@ -171,7 +171,8 @@ def test_arith_pipeline_raises_held_out_accuracy_by_15_points(tmp_path):
                  ["grpo", "--config", str(cfg / "arith_grpo.yaml"), "--policy", str(tmp_path / "sft"),
                   "--output-dir", str(tmp_path / "grpo")],
                  ["eval", "--ckpt", str(tmp_path / "sft"), "--ckpt", str(tmp_path / "grpo"), "--no-rouge", "--reward",
-                  "--reward-fn", "rlhf_cli.rewards.rules:exact_match", "--output-dir", str(tmp_path / "eval")]):
+                  "--reward-fn", "rlhf_cli.rewards.rules:exact_match", "--num-samples", "1024",
+                  "--output-dir", str(tmp_path / "eval")]):
         r = run_cli(*args)
         assert r.exit_code == 0, r.output
     sft, grpo = json.loads((tmp_path / "eval" / "report.json").read_text())["results"]
