@@ -161,12 +161,7 @@ def render_results(rows: list[dict], specs: dict, peak: float, mfu: dict, versio
         "| size | stage | unit | rlhf_cli | TRL | ratio (min–max) | target | same work |",
         "|---|---|---|---:|---:|---|---:|---|",
     ]
-    for r in rows:
-        target = TARGETS.get(r["size"], {}).get(r["method"])
-        ok = "yes" if not r["problems"] else "NO: " + "; ".join(r["problems"])
-        lines.append(f"| {r['size']} | {NAMES[r['method']]} | {UNITS[r['method']]} | {r['ours']:.1f} | {r['trl']:.1f} | "
-                     f"**{r['ratio']:.2f}x** ({r['min']:.2f}–{r['max']:.2f}) | "
-                     f"{f'{target:.1f}x' if target else '–'}{' met' if target and r['ratio'] >= target else (' MISSED' if target else '')} | {ok} |")
+    lines += cell_rows(rows)
     lines += ["", "## Where the differences come from (profiles of both sides)", "",
               "- SFT: TRL 1.16 computes the loss with its chunked log-prob kernel (it saves logits memory and "
               "recomputes each tile in the backward pass) and also the per-token entropy; rlhf_cli runs the LM "
@@ -220,7 +215,8 @@ def render_results(rows: list[dict], specs: dict, peak: float, mfu: dict, versio
     return "\n".join(lines) + "\n"
 
 
-def grpo_cell_rows(rows: list[dict]) -> list[str]:
+def cell_rows(rows: list[dict]) -> list[str]:
+    """A table row per cell: throughputs, the ratio and its range, the target, the same-work check."""
     out = []
     for r in rows:
         target = TARGETS.get(r["size"], {}).get(r["method"])
@@ -262,7 +258,7 @@ def render_grpo(rows: list[dict], mem_rows: list[dict], specs: dict, versions: d
              f"run: {minutes:.1f} min.", ""]
     if rows:
         lines += ["| size | stage | unit | rlhf_cli | TRL | ratio (min–max) | target | same work |",
-                  "|---|---|---|---:|---:|---|---:|---|", *grpo_cell_rows(rows), ""]
+                  "|---|---|---|---:|---:|---|---:|---|", *cell_rows(rows), ""]
     lines += ["Both sides (trl_grpo.py and ours.py's grpo config): the workload's policy and tokenizer, the same "
               "prompts in the same order (rlhf_cli's batcher replayed as TRL's sampler), G completions of each "
               "prompt, one generation call per iteration, one optimizer step per generation batch (micro-batch x "
