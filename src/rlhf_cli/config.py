@@ -262,6 +262,17 @@ class RewardConfig(Section):
     fn: str | None = Field(None, description="Python reward module:function, trlx's reward_fn signature; "
                            "flag --reward-fn.")
     url: str | None = Field(None, description="HTTP reward endpoint (POST prompts/completions); flag --reward-url.")
+    protocol: Literal["json", "v2"] = Field(
+        "json", description="How `url` is spoken to: json (POST {prompts, completions} -> {rewards}) or v2, the "
+        "Open Inference Protocol of Triton, KServe and MLServer (`url` is the server's base address).")
+    model_name: str = Field("reward", description="v2: the served model's name (/v2/models/NAME/infer).")
+    inputs: Literal["text", "tokens"] = Field(
+        "text", description="v2: send the texts (BYTES `prompt`, `completion`) or token ids (INT64 `input_ids`, "
+        "`attention_mask`, made with `tokenizer`).")
+    output: str = Field("rewards", description="v2: the name of the FP32 output tensor holding the rewards.")
+    tokenizer: str | None = Field(None, description="v2 with inputs: tokens: the reward model's tokenizer "
+                                  "(a local directory or hub name).")
+    max_concurrency: int = Field(4, ge=1, description="v2: batches in flight at once.")
     token_env: str = Field("RLHF_REWARD_TOKEN", description="Environment variable holding the endpoint's bearer token.")
     classifier: str | None = Field(None, description="A transformers text classifier (hub name or directory) "
                                    "scored through a sentiment-analysis pipeline: reward = P(`positive_label`).")

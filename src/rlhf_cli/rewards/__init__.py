@@ -296,6 +296,13 @@ def make_reward(ckpt: str | None = None, fn: str | None = None, url: str | None 
         source = CheckpointReward(ckpt, device=device, **{k: v for k, v in kw.items() if k in ("batch_size", "max_length")})
     elif fn:
         source = CallableReward(fn)
+    elif kw.get("protocol", "json") == "v2":
+        from .v2 import V2Reward  # httpx only where a v2 server is used
+
+        tok = load_tokenizer(kw["tokenizer"]) if kw.get("inputs") == "tokens" and kw.get("tokenizer") else None
+        source = V2Reward(url, tokenizer=tok, **{k: v for k, v in kw.items() if k in (
+            "model_name", "inputs", "output", "max_length", "token_env", "timeout", "retries", "batch_size",
+            "max_concurrency")})
     else:
         source = HttpReward(url, **{k: v for k, v in kw.items() if k in ("token_env", "timeout", "retries")})
     return DeltaReward(source) if delta else source

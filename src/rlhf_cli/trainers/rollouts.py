@@ -84,7 +84,8 @@ def make_reward_source(cfg, device):
     r = cfg.reward
     single = any((r.ckpt, r.fn, r.url, r.classifier))
     kw = dict(device=r.device or str(device), positive_label=r.positive_label, batch_size=r.batch_size,
-              max_length=cfg.data.max_length, token_env=r.token_env)
+              max_length=cfg.data.max_length, token_env=r.token_env, protocol=r.protocol, model_name=r.model_name,
+              inputs=r.inputs, output=r.output, tokenizer=r.tokenizer, max_concurrency=r.max_concurrency)
     if r.sources is not None:
         if single:
             raise UserError("give the reward either as reward.sources or as one of reward.ckpt / fn / url / classifier, "
