@@ -35,8 +35,9 @@ class V2Reward:
         self.batch_size, self.max_concurrency = batch_size, max(1, max_concurrency)
         self.name = f"{self.base} (v2 model '{model_name}')"
         token = os.environ.get(token_env)
-        # transport retries: connection failures; the 5xx retries are below (httpx has none for answers)
-        self.client = httpx.Client(timeout=timeout, verify=True, transport=httpx.HTTPTransport(retries=retries),
+        # one retry loop (_request) for connection errors, timeouts and 5xx answers: httpx's transport retries
+        # cover connection failures only
+        self.client = httpx.Client(timeout=timeout, verify=True,
                                    headers={"Authorization": f"Bearer {token}"} if token else {})
         self._check_ready()
 
