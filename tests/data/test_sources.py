@@ -118,3 +118,19 @@ def test_a_200_mb_row_costs_no_gigabytes(tmp_path):
     assert code == 0, r.stdout[-2000:]
     assert "1 rows had a text over 8,192 characters" in " ".join(r.stdout.replace("│", " ").split())
     assert peak_kb < 1_500_000, peak_kb
+
+
+def test_a_system_prompt_opens_prompt_rows_and_refuses_other_formats(tmp_path):
+    from rlhf_cli.config import DataConfig
+    from rlhf_cli.data import chat
+    from rlhf_cli.data.sources import load_formatted
+
+    rows = [{"prompt": "2 + 2?", "completion": "4"}] * 30
+    assert chat.with_system_prompt(rows[:1], "completion", "Be brief.") == [
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}],
+         "completion": [{"role": "assistant", "content": "4"}]}]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n" for _ in range(30)))
+    with pytest.raises(UserError, match="data.system_prompt opens the conversation of prompt or prompt-completion "
+                                        "rows; '.*pairs.jsonl' is comparisons data"):
+        load_formatted(DataConfig(source=str(pairs), system_prompt="Be brief."), kind="pairs", seed=0)

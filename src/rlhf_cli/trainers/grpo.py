@@ -73,18 +73,9 @@ def group_stats(scores: torch.Tensor, g: int) -> dict:
             "rollout/frac_groups_zero_std": (std < 1e-6).float().mean().item()}
 
 
-def group_minibatches(n: int, g: int, passes: int, size: int) -> list[list[int]]:
-    """`online.minibatches` with the groups shuffled whole (their completions stay side by side), so that a
-    micro-batch holding whole groups runs each prompt once (`whole_groups`)."""
-    out = []
-    for _ in range(passes):
-        order = [p * g + j for p in torch.randperm(n // g).tolist() for j in range(g)]
-        out += [order[i: i + size] for i in range(0, n - size + 1, size)]
-    return out
-
-
 def whole_groups(idx: list[int], g: int) -> bool:
-    """Whether `idx` is whole groups of g completions (each group's in order)."""
+    """Whether `idx` is whole groups of g completions (each group's in order), as `online.minibatches` with
+    `group` makes them when the micro-batch size is a multiple of g."""
     return len(idx) % g == 0 and all(idx[k] == idx[k - k % g] + k % g and idx[k - k % g] % g == 0
                                      for k in range(len(idx)))
 
@@ -164,8 +155,9 @@ class GRPOStage(online.OnlineStage):
         gold = mean_gold(ro.prompts, ro.texts)
         if gold is not None:
             log["rollout/gold"] = distributed.all_reduce(gold)
-        minibatches = group_minibatches(len(ro.queries), g.num_generations, g.num_iterations,
-                                        cfg.train.batch_size * cfg.train.gradient_accumulation_steps)
+        minibatches = online.minibatches(len(ro.queries), g.num_iterations,
+                                         cfg.train.batch_size * cfg.train.gradient_accumulation_steps,
+                                         group=g.num_generations)
         exp = Experience(ro, advantages, mask, log, minibatches, time.perf_counter())
         exp.log["time/experience"] = exp.t_train - t0
         return exp

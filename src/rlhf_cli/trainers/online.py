@@ -45,11 +45,13 @@ def plan_rows(cfg, info: dict, world_size: int, counted: str) -> dict:
     return info
 
 
-def minibatches(n: int, passes: int, size: int) -> list[list[int]]:
-    """Indices of the optimizer steps of one iteration: `passes` shuffled passes over n rollouts."""
+def minibatches(n: int, passes: int, size: int, group: int = 1) -> list[list[int]]:
+    """Indices of the optimizer steps of one iteration: `passes` shuffled passes over n rollouts. With
+    `group` > 1 the groups of that many consecutive rollouts are shuffled whole (GRPO: a micro-batch of whole
+    groups runs each prompt once)."""
     out = []
     for _ in range(passes):
-        perm = torch.randperm(n).tolist()
+        perm = [p * group + j for p in torch.randperm(n // group).tolist() for j in range(group)]
         out += [perm[i: i + size] for i in range(0, n - size + 1, size)]
     return out
 
@@ -89,6 +91,8 @@ class OnlineStage(Stage):
                                              world_size)
 
     def collect(self, state: dict):
+        """One iteration's experience (rollouts, advantages, log, `minibatches`): the method's own (abstract,
+        as Stage's hooks)."""
         raise NotImplementedError
 
     def next_step(self, state: dict) -> list[Micro]:
