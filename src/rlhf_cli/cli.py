@@ -461,6 +461,9 @@ def score(
     reward_ckpt: Annotated[str | None, typer.Option("--reward-ckpt", help="Reward-model checkpoint.")] = None,
     reward_fn: Annotated[str | None, typer.Option("--reward-fn", help="Python reward: module:function.")] = None,
     reward_url: Annotated[str | None, typer.Option("--reward-url", help="HTTP reward endpoint (token from $RLHF_REWARD_TOKEN).")] = None,
+    reward_protocol: Annotated[str, typer.Option("--reward-protocol", help="--reward-url's protocol: json, or v2 "
+                                                 "(KServe v2: Triton, KServe, MLServer, rlhf serve-rm).")] = "json",
+    reward_model_name: Annotated[str, typer.Option("--reward-model-name", help="v2: the served model's name.")] = "reward",
     delta: Annotated[bool, typer.Option("--delta", help="Score minus the score of each row's `reference`.")] = False,
     output: Annotated[Path | None, typer.Option("--output", help="Write the rows with their scores here (JSONL).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
@@ -474,10 +477,63 @@ def score(
         from .rewards import make_reward
 
         _quiet_libraries()
-        source = make_reward(reward_ckpt, reward_fn, reward_url, delta=delta, device=device, batch_size=batch_size)
+        if reward_protocol not in ("json", "v2"):
+            raise UserError(f"--reward-protocol is json or v2, not {reward_protocol!r}")
+        source = make_reward(reward_ckpt, reward_fn, reward_url, delta=delta, device=device, batch_size=batch_size,
+                             protocol=reward_protocol, model_name=reward_model_name)
         scores = score_file(data, source, delta, output)
         mean, se = mean_and_stderr(scores)
         out.print(f"{len(scores)} samples scored by {source.name}: mean {mean:.4f} ± {se:.4f}")
+    _guard(debug, go)
+
+
+CkptOpt = Annotated[str, typer.Option("--ckpt", help="Reward-model checkpoint (rlhf train-rm's output).")]
+NameOpt = Annotated[str, typer.Option("--model-name", help="The model's name in /v2/models/NAME/infer.")]
+BatchOpt = Annotated[int, typer.Option("--max-batch-size", help="Requests are batched up to this many samples.")]
+
+
+@app.command("serve-rm", epilog="Example: rlhf serve-rm --ckpt runs/rm --port 8080   then   rlhf ppo ... "
+             "--reward-url http://HOST:8080 --set reward.protocol=v2")
+def serve_rm(ckpt: CkptOpt, port: Annotated[int, typer.Option("--port", help="HTTP port (gRPC: the next one).")] = 8080,
+             model_name: NameOpt = "reward", max_batch_size: BatchOpt = 64,
+             max_batch_time: Annotated[float, typer.Option("--max-batch-time", help="Seconds a request waits for "
+                                                           "others to batch with.")] = 0.005,
+             host: Annotated[str, typer.Option("--host")] = "0.0.0.0",
+             device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1.")] = None,
+             max_length: Annotated[int, typer.Option("--max-length", min=1, help="Text inputs: tokens kept per "
+                                                     "sample, as the stage's data.max_length.")] = 512,
+             debug: DebugOpt = False):
+    """Serve a reward model over the Open Inference Protocol (KServe v2, as Triton and KServe speak) with MLServer."""
+    def go():
+        try:
+            from .serving.server import serve
+        except ImportError:
+            raise UserError("rlhf serve-rm needs MLServer: pip install 'rlhf-cli[serve]'") from None
+        _quiet_libraries()
+        serve(ckpt, port=port, model_name=model_name, max_batch_size=max_batch_size, max_batch_time=max_batch_time,
+              host=host, device=device, max_length=max_length, on_ready=lambda: err.print(
+                  f"serving {ckpt} as model '{model_name}' on http://{host}:{port}/v2/models/{model_name}/infer "
+                  f"(gRPC :{port + 1}); ready: GET /v2/health/ready", highlight=False, soft_wrap=True))
+    _guard(debug, go)
+
+
+@app.command("export-triton", epilog="Example: rlhf export-triton --ckpt runs/rm model_repository/   then   "
+             "tritonserver --model-repository model_repository")
+def export_triton(out_dir: Annotated[Path, typer.Argument(help="The Triton model repository to write into.")],
+                  ckpt: CkptOpt, model_name: NameOpt = "reward",
+                  max_length: Annotated[int, typer.Option("--max-length", min=1, help="Text inputs: tokens kept per "
+                                                          "sample.")] = 512,
+                  instances: Annotated[int, typer.Option("--instances", help="Model copies serving requests in "
+                                                         "parallel.")] = 1,
+                  gpu: Annotated[bool, typer.Option("--gpu", help="instance_group KIND_GPU (default: KIND_CPU).")] = False,
+                  overwrite: OverwriteOpt = False, debug: DebugOpt = False):
+    """Write a Triton model repository (Python backend) that serves a reward checkpoint over KServe v2."""
+    def go():
+        from .serving.triton import export_triton as export
+
+        dest = export(ckpt, str(out_dir), model_name, max_length, instances=instances, gpu=gpu, overwrite=overwrite)
+        out.print(f"wrote {dest} (config.pbtxt, 1/model.py, 1/ckpt); Triton's Python needs rlhf-cli installed; "
+                  f"serve with: tritonserver --model-repository {out_dir}", highlight=False, soft_wrap=True)
     _guard(debug, go)
 
 

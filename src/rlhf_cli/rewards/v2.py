@@ -72,7 +72,9 @@ class V2Reward:
 
         ids = [sequence_ids(self.tokenizer, p, c, self.max_length, self.max_length * 3 // 4)
                for p, c in zip(prompts, completions)]
-        width = max(len(x) for x in ids)
+        # one width for every request (reward.max_length), so a server's batcher can merge requests (Triton and
+        # MLServer batch only equal shapes); the server skips all-padding columns
+        width = self.max_length
         pad = self.tokenizer.pad_token_id or 0
         return {"inputs": [
             {"name": "input_ids", "shape": [n, width], "datatype": "INT64",

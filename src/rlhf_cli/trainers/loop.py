@@ -29,6 +29,7 @@ import torch
 from rich.console import Console
 
 from .. import checkpoint as ck
+from ..errors import UserError
 from . import common, distributed, rundir
 from .stage import Micro, Stage
 
@@ -155,7 +156,12 @@ class _Loop:
 
     def step(self) -> float:
         """One optimizer step over the stage's micro-batches."""
-        micro_batches = self.stage.next_step(self.state)
+        try:
+            micro_batches = self.stage.next_step(self.state)
+        except UserError as e:  # e.g. the reward server gone in an experience phase: say what is kept
+            last = ck.latest_checkpoint(self.run.out)
+            raise UserError(f"{e}; " + (f"the checkpoint {last} is kept, continue with --resume" if last else
+                                        "no checkpoint was saved yet")) from None
         loss_total = accumulate(self.stage, self.model, micro_batches, self.acc, self.window.sums)
         for micro in micro_batches:
             self.state["examples"] += micro.examples
