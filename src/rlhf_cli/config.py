@@ -30,6 +30,16 @@ class TinyModelConfig(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Residual, embedding and attention dropout.")
 
 
+class LoraSection(Section):
+    r: int = Field(0, ge=0, description="LoRA rank (peft); 0: off, a full fine-tune. `--set model.lora.r=8` turns "
+                   "it on: the base weights freeze, the reference is the same model with adapters off.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha: the adapters' output is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]), or all-linear (every linear "
+        "layer but the output head).")
+
+
 class ModelConfig(Section):
     name_or_path: str = Field(
         "tiny", description="Hub name, local checkpoint directory, or 'tiny' (a GPT-2 built from `tiny`)."
@@ -42,6 +52,8 @@ class ModelConfig(Section):
     fuse_gelu: bool = Field(True, description="Run GPT-2's gelu_new as PyTorch's fused tanh GELU (the same "
                             "function in one kernel; the saved config is unchanged).")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the 'tiny' model.")
+    lora: LoraSection = Field(default_factory=LoraSection, description="Low-rank adapters (peft) instead of a full "
+                              "fine-tune.")
 
 
 class TokenizerConfig(Section):

@@ -8,12 +8,14 @@ from a frozen copy or from the precomputed cache, 4. backward the mean DPO loss,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
 import torch
 
 from .. import checkpoint as ck
+from .. import lora
 from ..data.sources import PairData, load_pair_data
 from ..data.tokenize import sft_features
 from ..errors import UserError
@@ -53,7 +55,8 @@ def _loss(cfg, pw, pl, rw, rl, nw, nl):
                     chosen_lengths=nw, rejected_lengths=nl, rpo_alpha=opts.rpo_alpha)
 
 
-def evaluate(model, ref, ref_eval, tok, data: PairData, feats_eval, cfg, device, progress) -> tuple[dict, list]:
+def evaluate(model, ref, ref_eval, tok, data: PairData, feats_eval, cfg, device, progress,
+             reference=contextlib.nullcontext) -> tuple[dict, list]:
     """Held-out DPO metrics on `eval.num_samples` pairs, and generation (ROUGE vs chosen, gold) on their prompts."""
     n = min(len(feats_eval), cfg.eval.num_samples)
     metrics: dict = {}
@@ -68,7 +71,8 @@ def evaluate(model, ref, ref_eval, tok, data: PairData, feats_eval, cfg, device,
                 if ref_eval is not None:
                     rw, rl = ref_eval[i: i + len(chunk), 0].to(device), ref_eval[i: i + len(chunk), 1].to(device)
                 else:
-                    rw, rl, _, _ = batch_logps(ref, tok, chunk, device, cfg.share_prompt)
+                    with reference():
+                        rw, rl, _, _ = batch_logps(ref, tok, chunk, device, cfg.share_prompt)
                 for acc_, v in zip((pws, pls, rws, rls, nws, nls), (pw, pl, rw, rl, nw, nl)):
                     acc_.append(v)
         model.train(was)
@@ -116,7 +120,8 @@ class DPOStage(Stage):
     def prepare_data(self) -> None:
         cfg = self.cfg
         self.data = load_pair_data(cfg, "dpo", common.chat_renderer(cfg, cfg.policy_source))
-        start = str(self.resume_from) if self.resume_from is not None else cfg.policy_source
+        # resuming: its weights (LoRA: the base again, the adapter comes in build)
+        start = str(self.resume_from) if self.resume_from is not None and not lora.enabled(cfg) else cfg.policy_source
         self.tokenizer, self._model = _load_policy(cfg, start)
         limit = max_positions(self._model)
         if limit and cfg.data.max_length > limit:
@@ -131,29 +136,33 @@ class DPOStage(Stage):
         """The policy trains; the reference is always the initial policy, also when resuming."""
         cfg, data = self.cfg, self.data
         self.make_batcher([len(f["chosen"]["input_ids"]) + len(f["rejected"]["input_ids"]) for f in self.feats])
-        initial = self._model if self.resume_from is None else _load_policy(cfg, cfg.policy_source)[1]
+        initial = self._model if self.resume_from is None or lora.enabled(cfg) else _load_policy(cfg, cfg.policy_source)[1]
         self.ref = self.ref_train = self.ref_eval = None
         if cfg.precompute_ref_logps:
             with common.progress_bar(self.console, distributed.is_main(acc)) as progress:
                 self.ref_train, self.ref_eval = cached_reference(
                     cfg, data, self.tokenizer, initial.to(acc.device).eval(), self.feats, self.feats_eval, acc.device,
                     self.console, progress, self.batcher)
+        elif lora.enabled(cfg):
+            self.ref = self._model  # with its adapters off (see reference()): no second copy of the base weights
         else:
             # the copy keeps requires_grad (it never gets gradients: it runs under inference_mode): a
             # weight's requires_grad picks torch's matmul path, and the same path as the policy's makes
             # the step-0 log-ratios exactly 0 (a tie), not ~1e-6
             self.ref = copy.deepcopy(initial).eval().to(acc.device)
+        lora.attach(self._model, cfg, self.resume_from, cfg.policy_source)
         self.manifest = {"parent": ck.parent_info(cfg.policy_source),
                          "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,
                                   "train_pairs": len(self.feats), "eval_pairs": len(self.feats_eval),
                                   "dropped_equal": data.dropped_equal, "dropped_malformed": data.dropped_malformed},
-                         "reference": "precomputed" if cfg.precompute_ref_logps else "frozen copy"}
+                         "reference": "precomputed" if cfg.precompute_ref_logps else
+                         "the policy with its LoRA adapters off" if lora.enabled(cfg) else "frozen copy"}
         return self._model.train()
 
     def describe(self) -> str:
         return (f"dpo: {len(self.feats)} pairs ({self.data.fmt}), {self.total_steps} optimizer steps, "
                 f"{self.cfg.loss.loss_type} loss, beta {self.cfg.loss.beta}, {count_params(self._model) / 1e6:.2f}M "
-                f"parameters -> {self.out}" + "".join(f"\n  {n}" for n in self.data.notes))
+                f"parameters{lora.summary(self._model)} -> {self.out}" + "".join(f"\n  {n}" for n in self.data.notes))
 
     def micro(self, idx: list[int]) -> Micro:
         tokens = sum(len(self.feats[i][k]["input_ids"]) for i in idx for k in ("chosen", "rejected"))
@@ -167,7 +176,7 @@ class DPOStage(Stage):
         if self.ref_train is not None:
             rw, rl = self.ref_train[idx, 0].to(device), self.ref_train[idx, 1].to(device)
         else:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.reference():
                 rw, rl, _, _ = batch_logps(self.ref, self.tokenizer, chunk, device, share)
             rw, rl = rw.clone(), rl.clone()
         out = _loss(self.cfg, pw, pl, rw, rl, nw, nl)
@@ -175,7 +184,11 @@ class DPOStage(Stage):
         del sums["loss"]
         return StepLoss(out.losses.sum(), sums)
 
+    def reference(self):
+        """Where the reference's log-probs are computed: LoRA's policy without adapters, else a frozen copy."""
+        return lora.adapters_off(self.ref) if lora.enabled(self.cfg) else contextlib.nullcontext()
+
     def evaluate(self, core, progress) -> tuple[dict, list[dict]]:
         return evaluate(core, self.ref, self.ref_eval, self.tokenizer, self.data, self.feats_eval, self.cfg,
-                        self.acc.device, progress)
+                        self.acc.device, progress, self.reference)
 

@@ -29,6 +29,7 @@ import torch
 from rich.console import Console
 
 from .. import checkpoint as ck
+from .. import lora
 from ..errors import UserError
 from . import common, distributed, rundir
 from .stage import Micro, Stage
@@ -89,7 +90,7 @@ class _Best:
         state_dict = loop.acc.get_state_dict(loop.model)  # every process takes part (ZeRO-3 gathers)
         if distributed.is_main(loop.acc):
             with ck.atomic_dir(loop.run.partial / "best") as tmp:
-                loop.acc.unwrap_model(loop.model).save_pretrained(tmp, state_dict=state_dict)
+                lora.save_model(loop.acc.unwrap_model(loop.model), tmp, state_dict)
                 loop.stage.tokenizer.save_pretrained(tmp)
                 ck.write_manifest(tmp, status="complete", stage=loop.stage.name, step=step, metrics=metrics,
                                   note=f"the best checkpoint by {self.metric}; the parent directory holds the last")

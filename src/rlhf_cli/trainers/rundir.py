@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .. import checkpoint as ck
+from .. import lora
 from ..config import to_dict
 from ..errors import UserError
 from ..tracking import MetricsLogger, read_metrics, truncate_metrics
@@ -87,8 +88,7 @@ class Run:
 
     def _write(self, dest: Path, model, tokenizer, optimizer, scheduler, progress: dict, status: str,
                manifest: dict, extra_files: dict[str, str] | None = None, state_dict=None) -> None:
-        unwrapped = self.acc.unwrap_model(model)
-        unwrapped.save_pretrained(dest, state_dict=state_dict, safe_serialization=True)
+        lora.save_model(self.acc.unwrap_model(model), dest, state_dict)
         tokenizer.save_pretrained(dest)
         # ZeRO shards the optimizer state across processes: each wrote its own (_stage_zero_shards)
         ck.save_trainer_state(dest / ck.STATE_DIR, None if uses_deepspeed(self.acc) else optimizer, scheduler,

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ck
+from .. import lora
 from ..data import formats
 from ..data.sources import load_formatted
 from ..data.tokenize import chat_features, collate_sft, sft_features
@@ -129,9 +130,11 @@ class SFTStage(Stage):
     def prepare_data(self) -> None:
         self.data = load_sft_data(self.cfg)
         # the tokenizer (trained on the data for 'tiny', else the model's) fixes the features
-        if self.resume_from is not None:
+        if self.resume_from is not None:  # its weights (LoRA: the base again, the adapter comes in build)
             rcfg = self.cfg.model_copy(deep=True)
-            rcfg.model.name_or_path, rcfg.tokenizer.name_or_path = str(self.resume_from), str(self.resume_from)
+            rcfg.tokenizer.name_or_path = str(self.resume_from)
+            if not lora.enabled(self.cfg):
+                rcfg.model.name_or_path = str(self.resume_from)
             self.tokenizer, self._model = load_policy(rcfg)
         else:
             self.tokenizer, self._model = load_sft_policy(self.cfg, self.data)
@@ -150,12 +153,13 @@ class SFTStage(Stage):
 
     def build(self, acc):
         self.make_batcher([len(f["input_ids"]) for f in self.feats])
+        lora.attach(self._model, self.cfg, self.resume_from, self.cfg.model.name_or_path)
         return self._model
 
     def describe(self) -> str:
         notes = "".join(f"\n  {n}" for n in self.data.notes)
         return (f"sft: {len(self.feats)} examples ({self.data.fmt}), {self.total_steps} optimizer steps, "
-                f"{count_params(self._model) / 1e6:.2f}M parameters -> {self.out}{notes}")
+                f"{count_params(self._model) / 1e6:.2f}M parameters{lora.summary(self._model)} -> {self.out}{notes}")
 
     def micro(self, idx: list[int]) -> Micro:
         """The micro-batch of examples `idx`; its units are the label tokens."""

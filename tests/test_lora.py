@@ -1,0 +1,170 @@
+"""LoRA (`model.lora.r` > 0, peft): one copy of the base weights, the reference is the policy with adapters off,
+checkpoints hold merged weights plus a PEFT adapter, resume equals an uninterrupted run, bad input is one sentence."""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MICRO, ROOT, SFT_CONFIG, assert_one_sentence, rlhf_cmd, run_cli
+
+from rlhf_cli import lora
+from rlhf_cli.checkpoint import latest_checkpoint
+
+DPO_CONFIG = str(ROOT / "stage_configs" / "tldr_dpo.yaml")
+LORA = ["--set", "model.lora.r=4", "--set", "model.lora.alpha=8"]
+
+
+def _dpo(sft_ckpt, out, *extra):
+    return run_cli("dpo", "--config", DPO_CONFIG, "--policy", str(sft_ckpt), "--output-dir", str(out), *MICRO, *LORA,
+                   "--set", "train.learning_rate=1e-2", *extra)
+
+
+@pytest.fixture(scope="module")
+def lora_dpo(sft_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "dpo"
+    r = _dpo(sft_ckpt, out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _storage(*modules) -> int:
+    """Bytes of distinct tensor storage held by the modules' parameters and buffers together."""
+    seen = {}
+    for m in modules:
+        for t in [*m.parameters(), *m.buffers()]:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _built_dpo_stage(sft_ckpt, tmp_path, *overrides):
+    from rich.console import Console
+
+    from rlhf_cli import api
+    from rlhf_cli.trainers import distributed
+    from rlhf_cli.trainers.dpo import DPOStage
+
+    values = {"policy": str(sft_ckpt), "data.synthetic.num_train": 16, "data.synthetic.num_eval": 4,
+              "train.batch_size": 4, **dict(overrides)}
+    cfg, out = api.resolve("dpo", DPO_CONFIG, values, output_dir=tmp_path / "unused")
+    acc = distributed.setup_accelerator(cfg)
+    stage = DPOStage(cfg, out, None, Console(quiet=True))
+    stage.world = (0, 1)
+    stage.prepare_data()
+    return stage, stage.build(acc)
+
+
+def test_lora_dpo_holds_one_copy_of_the_base_weights(sft_ckpt, tmp_path):
+    full, policy = _built_dpo_stage(sft_ckpt, tmp_path)
+    one_copy = _storage(policy)
+    assert _storage(policy, full.ref) == 2 * one_copy  # full fine-tune: the reference is a second copy
+    stage, policy = _built_dpo_stage(sft_ckpt, tmp_path, ("model.lora.r", 4))
+    adapters = sum(p.numel() * p.element_size() for n, p in policy.named_parameters() if ".lora_" in n)
+    assert stage.ref is policy and 0 < adapters < one_copy / 10
+    assert _storage(policy, stage.ref) == one_copy + adapters  # the base once, plus the adapters
+
+
+def test_the_reference_is_the_starting_policy_with_adapters_off(sft_ckpt, tmp_path):
+    """After the adapters moved (as training moves them), the reference's log-probs are still exactly the
+    starting policy's, and the adapted policy's differ."""
+    from rlhf_cli.trainers.pair_logps import batch_logps
+
+    start, _ = _built_dpo_stage(sft_ckpt, tmp_path)
+    stage, policy = _built_dpo_stage(sft_ckpt, tmp_path, ("model.lora.r", 4))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.5)
+    chunk = stage.feats[:4]
+    with torch.inference_mode():
+        want = batch_logps(start.ref.eval(), start.tokenizer, chunk, "cpu")
+        with stage.reference():
+            ref = batch_logps(stage.ref.eval(), stage.tokenizer, chunk, "cpu")
+        adapted = batch_logps(policy, stage.tokenizer, chunk, "cpu")
+    for a, b in zip(ref, want):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(adapted[0], want[0], atol=1e-3)
+
+
+def test_checkpoint_is_merged_weights_plus_a_peft_adapter(lora_dpo, sft_ckpt):
+    """Plain transformers loads the merged model; peft's PeftModel loads base + adapter; both give the same
+    logits (1e-5), and they differ from the base's (the adapter learned something)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    m = json.loads((lora_dpo / "rlhf_stage.json").read_text())
+    assert m["status"] == "complete" and m["reference"] == "the policy with its LoRA adapters off"
+    assert not any(".lora_" in k or "base_layer" in k for k in load_file(str(lora_dpo / "model.safetensors")))
+    assert (lora_dpo / "best" / "adapter" / "adapter_model.safetensors").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(lora_dpo).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_ckpt), lora_dpo / "adapter").eval()
+    base = AutoModelForCausalLM.from_pretrained(sft_ckpt).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    with torch.no_grad():
+        a, b, c = (x(input_ids=ids).logits for x in (merged, adapted, base))
+    assert torch.allclose(a, b, atol=1e-5)
+    assert (a - c).abs().max() > 1e-3
+
+
+def test_a_later_stage_uses_the_merged_weights(lora_dpo, tmp_path):
+    r = run_cli("dpo", "--config", DPO_CONFIG, "--policy", str(lora_dpo), "--output-dir", str(tmp_path / "again"),
+                *MICRO, "--set", "train.max_steps=1")
+    assert r.exit_code == 0, r.output
+
+
+def _losses(out):
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r]
+
+
+def test_resume_of_a_killed_lora_run_equals_the_uninterrupted_one(sft_ckpt, tmp_path):
+    args = [*rlhf_cmd(), "sft", "--config", SFT_CONFIG, *MICRO, *LORA, "--set", "train.max_steps=60",
+            "--set", "checkpoint.interval=5", "--set", "eval.at_start=false", "--set", "train.log_interval=1",
+            "--set", "train.learning_rate=1e-2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert subprocess.run([*args, "--output-dir", str(straight)], capture_output=True).returncode == 0
+    proc = subprocess.Popen([*args, "--output-dir", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while latest_checkpoint(killed) is None and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = latest_checkpoint(killed)
+    assert saved is not None and (saved / "adapter" / "adapter_model.safetensors").is_file()
+    r = subprocess.run([*args, "--output-dir", str(killed), "--resume"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _losses(killed) == pytest.approx(_losses(straight), rel=1e-5)
+    a, b = (json.loads((d / "rlhf_stage.json").read_text())["metrics"] for d in (straight, killed))
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+
+
+def test_bad_lora_settings_are_one_sentence_and_write_nothing(sft_ckpt, tmp_path):
+    out = tmp_path / "dpo"
+    assert_one_sentence(_dpo(sft_ckpt, out, "--set", "model.lora.target_modules=[q_proj]"),
+                        r"model.lora.target_modules \['q_proj'\].*not found.*c_attn.*all-linear")
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+    assert_one_sentence(_dpo(sft_ckpt, out, "--set", "model.lora.r=-1"), r"model.lora.r")
+    assert not out.exists()
+
+
+def test_merged_state_dict_by_hand():
+    """W + (alpha / r) * B @ A for a Linear; transposed for GPT-2's Conv1D (fan_in_fan_out)."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                                         num_key_value_heads=1, vocab_size=32))
+    w = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    lora.inject(model, SimpleNamespace(r=2, alpha=6.0, dropout=0.0, target_modules=["q_proj"]))
+    q = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.lora_B["default"].weight.normal_()
+    a, b = q.lora_A["default"].weight, q.lora_B["default"].weight
+    plain = lora.plain_state_dict(model, model.state_dict())
+    assert torch.allclose(plain["model.layers.0.self_attn.q_proj.weight"], w + 3.0 * b @ a, atol=1e-6)
+    assert not any("lora" in k or "base_layer" in k for k in plain)
+    assert set(plain) == set(LlamaForCausalLM(model.config).state_dict())
