@@ -44,6 +44,7 @@ NAMES = {"sft": "SFT", "rm": "Reward model", "dpo": "DPO", "ppo": "PPO", "grpo":
 MAIN = ("sft", "rm", "dpo", "ppo")  # the main table; grpo and mem have a section of their own
 TRL_SCRIPT = {"ppo": "trl_ppo.py", "grpo": "trl_grpo.py"}  # one method each (no --method); else trl_side.py
 GRPO_BEGIN, GRPO_END = "<!-- GRPO section: bench.py --methods grpo,mem -->", "<!-- end of GRPO section -->"
+SERVER_MARKERS = ("<!-- reward-server:begin -->", "<!-- reward-server:end -->")  # reward_server.py writes it
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1",
        "PYTHONWARNINGS": "ignore"}
@@ -301,16 +302,22 @@ def render_grpo(rows: list[dict], mem_rows: list[dict], specs: dict, versions: d
     return "\n".join(lines) + "\n"
 
 
+def _cut(text: str, begin: str, end: str) -> tuple[str, str]:
+    """(the section between the markers, with them; the text without it)."""
+    if begin not in text or end not in text:
+        return "", text
+    a, b = text.index(begin), text.index(end) + len(end)
+    return text[a:b] + "\n", text[:a].rstrip("\n") + "\n\n" + text[b:].lstrip("\n")
+
+
 def write_merged(path: Path, main_text: str | None, grpo_text: str | None) -> None:
     """Write RESULTS.md from its main part and its GRPO section; a part that is None (not run this time) is
-    kept from the file as it is."""
+    kept from the file as it is, and so is reward_server.py's section."""
     old = path.read_text() if path.exists() else ""
-    old_grpo = ""
-    if GRPO_BEGIN in old and GRPO_END in old:
-        a, b = old.index(GRPO_BEGIN), old.index(GRPO_END) + len(GRPO_END)
-        old_grpo, old = old[a:b] + "\n", old[:a].rstrip("\n") + "\n\n" + old[b:].lstrip("\n")
+    old_grpo, old = _cut(old, GRPO_BEGIN, GRPO_END)
+    served, old = _cut(old, *SERVER_MARKERS)
     main = main_text if main_text is not None else old
-    grpo = grpo_text if grpo_text is not None else old_grpo
+    grpo = (grpo_text if grpo_text is not None else old_grpo) + ("\n" + served if served else "")
     anchor = "## Where the differences come from"
     if not grpo:
         text = main

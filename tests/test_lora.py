@@ -168,3 +168,84 @@ def test_merged_state_dict_by_hand():
     assert torch.allclose(plain["model.layers.0.self_attn.q_proj.weight"], w + 3.0 * b @ a, atol=1e-6)
     assert not any("lora" in k or "base_layer" in k for k in plain)
     assert set(plain) == set(LlamaForCausalLM(model.config).state_dict())
+
+
+PPO_CONFIG = str(ROOT / "stage_configs" / "tldr_ppo.yaml")
+GOLD_FN = "rlhf_cli.data.synthetic:gold_reward_fn"
+
+
+def _built_online_stage(stage_name, sft_ckpt, tmp_path, *overrides):
+    from rich.console import Console
+
+    from rlhf_cli import api
+    from rlhf_cli.trainers import distributed
+    from rlhf_cli.trainers.grpo import GRPOStage
+    from rlhf_cli.trainers.ppo import PPOStage
+
+    values = {"policy": str(sft_ckpt), "reward.fn": GOLD_FN, "reward.delta": False, "data.synthetic.num_train": 16,
+              "data.synthetic.num_eval": 4, **dict(overrides)}
+    config = PPO_CONFIG if stage_name == "ppo" else str(ROOT / "stage_configs" / "tldr_grpo.yaml")
+    cfg, out = api.resolve(stage_name, config, values, output_dir=tmp_path / "unused")
+    acc = distributed.setup_accelerator(cfg)
+    stage = (PPOStage if stage_name == "ppo" else GRPOStage)(cfg, out, None, Console(quiet=True))
+    stage.world = (0, 1)
+    stage.prepare_data()
+    return stage, stage.build(acc)
+
+
+def _reference_tensors(ref):
+    return [*getattr(ref, "params", {}).values()]  # heads.Reference copies what trains; lora.Reference nothing
+
+
+@pytest.mark.parametrize("stage_name", ["ppo", "grpo"])
+def test_lora_online_reference_is_the_base_held_once(stage_name, sft_ckpt, tmp_path):
+    from rlhf_cli.models import load_causal_lm, position_ids
+
+    method = {"ppo": ("ppo.num_layers_unfrozen", -1), "grpo": ("grpo.beta", 0.04)}[stage_name]
+    full, model = _built_online_stage(stage_name, sft_ckpt, tmp_path, method)
+    copied = sum(t.numel() * t.element_size() for t in _reference_tensors(full.reference))
+    assert copied >= _storage(model.policy) * 0.99  # a full fine-tune's reference: a second copy
+    stage, model = _built_online_stage(stage_name, sft_ckpt, tmp_path, ("model.lora.r", 4), method)
+    assert isinstance(stage.reference, lora.Reference) and stage.reference.policy is model.policy
+    assert not [n for n, p in model.policy.named_parameters() if p.requires_grad and ".lora_" not in n]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.5)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    mask = torch.ones_like(ids)
+    start = load_causal_lm(str(sft_ckpt), stage.cfg.model).eval()
+    with torch.no_grad():
+        want = start(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        adapted = model.policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    assert torch.allclose(stage.reference.logits(ids, mask, ids.shape[1]), want, atol=1e-5)
+    assert not torch.allclose(adapted, want, atol=1e-3)
+
+
+def test_lora_ppo_end_to_end_keeps_the_value_head_and_the_adapter(sft_ckpt, tmp_path):
+    out = tmp_path / "ppo"
+    r = run_cli("ppo", "--config", PPO_CONFIG, "--policy", str(sft_ckpt), "--reward-fn", GOLD_FN, "--no-delta",
+                "--output-dir", str(out), *LORA, "--set", "data.synthetic.num_train=64", "--set", "data.synthetic.num_eval=8",
+                "--set", "train.batch_size=4", "--set", "train.max_steps=8", "--set", "ppo.num_rollouts=8",
+                "--set", "ppo.chunk_size=4", "--set", "ppo.ppo_epochs=2", "--set", "ppo.generation.max_new_tokens=8",
+                "--set", "eval.num_samples=4", "--set", "eval.generation.max_new_tokens=8", "--set", "checkpoint.interval=4")
+    assert r.exit_code == 0, r.output
+    for name in ("model.safetensors", "value_head.safetensors", "adapter/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "rlhf_stage.json").read_text())["status"] == "complete"
+
+
+def test_lora_memory_estimate_by_hand():
+    """8.03B parameters in 32 blocks, bf16 base: h ~ 2048 (8.03 / 1.4)^(1/3) = 3665, adapters 20 r h per block =
+    37.5M; DPO holds 2 B per frozen weight + 16 B per adapter weight and no reference: 15.45 GiB (a full
+    fine-tune: 16 B per weight + a 2 B reference = 134.6 GiB)."""
+    from rlhf_cli.config import load_config
+    from rlhf_cli.memory import _estimate, lora_params
+
+    cfg = load_config(DPO_CONFIG, "dpo", ["model.lora.r=16", "model.dtype=bfloat16"], None)
+    assert lora_params(cfg.model.lora, 8.03e9, 32) == pytest.approx(20 * 16 * 2048 * (8.03 / 1.4) ** (1 / 3) * 32)
+    t = lora_params(cfg.model.lora, 8.03e9, 32)
+    assert f"~{(2 * (8.03e9 - t) + 16 * t) / 1024 ** 3:.1f} GiB" in _estimate(cfg, (8.03e9, 32), 1, 0)
+    assert "~15.4 GiB" in _estimate(cfg, (8.03e9, 32), 1, 0)
+    full = load_config(DPO_CONFIG, "dpo", [], None)
+    assert "~134.6 GiB" in _estimate(full, (8.03e9, 32), 1, 0)

@@ -88,6 +88,22 @@ def adapters_off(model):
             m.enable_adapters(True)
 
 
+class Reference:
+    """The KL reference of the online methods (heads.Reference's interface) as the policy with its adapters
+    off: the base weights, shared, nothing copied."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    @torch.no_grad()
+    def logits(self, input_ids, attention_mask, num_logits: int) -> torch.Tensor:
+        from .models import position_ids
+
+        with adapters_off(self.policy):
+            return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                               position_ids=position_ids(attention_mask), logits_to_keep=num_logits).logits
+
+
 def _lm_prefix(model) -> str:
     """Where the adapted language model sits in `model` ('' for itself, 'policy.' inside a value-head model)."""
     name = next(n for n, m in model.named_modules() if hasattr(m, "peft_config"))

@@ -42,6 +42,15 @@ def model_size(name: str) -> tuple[float, int | None] | None:
     return float(m.group(1)) * (1e6 if m.group(2) == "m" else 1e9), None
 
 
+def lora_params(lora_cfg, params: float, blocks: int | None) -> float:
+    """Adapter parameters, roughly: hidden size h from the parameter count (12 L h^2 per model, L blocks), and
+    r (in + out) per adapted linear layer: ~20 r h per block for all-linear (4 attention, 3 MLP projections)."""
+    h = 2048 * (params / 1.4e9) ** (1 / 3)  # 125M: ~900, 1.4B: 2048, 8B: ~3700 (real: 768, 2048, 4096)
+    layers = blocks or max(12, round(params / (12 * h * h)))
+    per_block = 20 if lora_cfg.target_modules == "all-linear" else 2 * len(lora_cfg.target_modules)
+    return per_block * lora_cfg.r * h * layers
+
+
 def estimate(cfg, name: str) -> str | None:
     """GiB per device for `cfg`'s stage: as configured, and with ZeRO-2 / ZeRO-3 over 8 devices."""
     size = model_size(name)
@@ -60,6 +69,22 @@ def estimate(cfg, name: str) -> str | None:
     return "; ".join(lines)
 
 
+def _beside(cfg, params: float, trainable: float, zero: int) -> float:
+    """Bytes beyond the trained model: the reference, a reward model, ILQL's heads."""
+    stage, reward = cfg.stage, 2 * params  # a reward model of the policy's size, bf16
+    if cfg.model.lora.r > 0:  # the reference is the policy with its adapters off: no copy
+        return reward if stage in ("ppo", "grpo") else 0.1 * params if stage == "ilql" else 0.0
+    if stage == "dpo" and not cfg.precompute_ref_logps:
+        return 2 * params  # frozen bf16 reference
+    if stage == "ppo":  # reference: a copy of what trains (a whole copy under ZeRO-3)
+        return (4 * params if zero >= 3 else 4 * trainable) + reward
+    if stage == "grpo":  # a full reference copy only when beta > 0
+        return reward + (4 * params if cfg.grpo.beta else 0)
+    if stage == "ilql":
+        return 0.1 * params  # Q / target / V heads (vocabulary-wide), roughly
+    return 0.0
+
+
 def _estimate(cfg, size, n: int, zero: int, short: bool = False) -> str:
     params, blocks = size
     stage = cfg.stage
@@ -68,22 +93,19 @@ def _estimate(cfg, size, n: int, zero: int, short: bool = False) -> str:
         trainable = params * (1 - cfg.freeze_fraction)
     elif stage == "ppo" and cfg.ppo.num_layers_unfrozen >= 0 and blocks:
         trainable = params * min(1.0, cfg.ppo.num_layers_unfrozen / blocks)
+    lora = cfg.model.lora.r > 0
+    if lora:  # adapters only: r (in + out) per adapted linear layer, ~20 r h per block for all-linear
+        trainable = lora_params(cfg.model.lora, params, blocks)
     frozen = params - trainable
-    weights, grads, adam = 4 * params, 4 * trainable, 8 * trainable
+    base = 2 if cfg.model.dtype in ("bfloat16", "float16") else 4  # bytes per weight as loaded
+    weights, grads, adam = base * frozen + 4 * trainable, 4 * trainable, 8 * trainable
     shard = max(1, n)
     per = (weights / (shard if zero >= 3 else 1) + grads / (shard if zero >= 2 else 1)
            + adam / (shard if zero >= 1 else 1))
-    extra = 0.0
-    if stage == "dpo" and not cfg.precompute_ref_logps:
-        extra = 2 * params  # frozen bf16 reference
-    elif stage == "ppo":  # reference: a copy of what trains (a whole copy under ZeRO-3) + a same-size reward model
-        extra = (4 * params if zero >= 3 else 4 * trainable) + 2 * params
-    elif stage == "grpo":  # a reward model of the policy's size; a full reference copy only when beta > 0
-        extra = 2 * params + (4 * params if cfg.grpo.beta else 0)
-    elif stage == "ilql":
-        extra = 0.1 * params  # Q / target / V heads (vocabulary-wide), roughly
-    total = (per + extra) / GiB
+    total = (per + _beside(cfg, params, trainable, zero)) / GiB
     how = f"ZeRO-{zero} over {n}" if zero else (f"DDP over {n}" if n > 1 else "1 process")
+    if lora:
+        how += f", LoRA r {cfg.model.lora.r}"
     if short:
         return f"{how}: ~{total:.1f} GiB"
     return (f"~{total:.1f} GiB per device with {how} ({params / 1e9:.2f}B parameters, {trainable / 1e9:.2f}B "

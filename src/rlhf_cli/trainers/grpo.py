@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ck
+from .. import lora
 from .. import shared_prompt
 from ..data.tokenize import encode_prompt
 from ..errors import UserError
@@ -50,7 +51,9 @@ def plan(cfg, out: Path) -> dict:
     info: dict = {"output_dir": str(out), "stage": "grpo", "preset": cfg.preset, "policy": cfg.policy_source,
                   "reward": online.reward_label(cfg),
                   "method": f"advantage {g.advantage} (scale {g.scale_rewards}), loss {g.loss_type}, G {g.num_generations}",
-                  "reference": f"frozen copy, k3 KL x {g.beta}" if g.beta else "none (beta 0)"}
+                  "reference": "none (beta 0)" if not g.beta else
+                               ("the policy, LoRA adapters off" if lora.enabled(cfg) else "frozen copy")
+                               + f", k3 KL x {g.beta}"}
     check_groups(cfg, cfg.distributed.num_processes)
     return online.plan_rows(cfg, info, cfg.distributed.num_processes, "completions")
 
@@ -104,10 +107,12 @@ class GRPOStage(online.OnlineStage):
         self.data.train_ids = [encode_prompt(self.tokenizer, p, cfg.data.max_prompt_length)[0] for p, _ in self.data.train]
         model = PolicyOnly(policy).to(acc.device)
         self.reference = None  # beta 0: no reference model at all
-        if cfg.grpo.beta:
-            self.reference = FrozenCopy(model.policy) if self.zero3 else Reference(model.policy)
-        if self.resume_from is not None:
+        if cfg.grpo.beta:  # with LoRA the same weights with the adapters off: nothing copied
+            self.reference = (lora.Reference(model.policy) if lora.enabled(cfg) else
+                              FrozenCopy(model.policy) if self.zero3 else Reference(model.policy))
+        if self.resume_from is not None and not lora.enabled(cfg):
             model.policy.load_state_dict(load_causal_lm(str(self.resume_from), cfg.model).state_dict())
+        lora.attach(model.policy, cfg, self.resume_from, src)  # LoRA resumes its adapter, on the base again
         self.manifest = {"parent": ck.parent_info(src),
                          "data": {"source": cfg.data.source, "format": self.data.fmt,
                                   "fingerprint": self.data.fingerprint, "train_prompts": len(self.data.train),

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ck
+from .. import lora
 from ..data.tokenize import encode_prompt
 from ..heads import FrozenCopy, PolicyWithValueHead, Reference
 from ..losses.ppo import (RunningMoments, adaptive_kl_coef, entropy, gae, kl_penalized_rewards, masked_mean,
@@ -39,7 +40,8 @@ def plan(cfg, out: Path) -> dict:
                   "reward": online.reward_label(cfg),
                   "kl": f"beta {cfg.ppo.init_kl_coef}, " + (f"adaptive to {cfg.ppo.target} nats" if cfg.ppo.target
                                                             else "fixed"),
-                  "reference": "full frozen copy" if cfg.ppo.num_layers_unfrozen < 0 else
+                  "reference": "the policy with its LoRA adapters off" if lora.enabled(cfg) else
+                               "full frozen copy" if cfg.ppo.num_layers_unfrozen < 0 else
                                f"frozen trunk shared, top {cfg.ppo.num_layers_unfrozen} blocks copied"}
     check_batching(cfg, cfg.distributed.num_processes)
     return online.plan_rows(cfg, info, cfg.distributed.num_processes, "rollouts")
@@ -78,14 +80,19 @@ class PPOStage(online.OnlineStage):
         check_lengths(cfg, policy)
         disable_dropout(policy)
         self.data.train_ids = [encode_prompt(self.tokenizer, p, cfg.data.max_prompt_length)[0] for p, _ in self.data.train]
-        train_top_blocks(policy, cfg.ppo.num_layers_unfrozen)
+        if not lora.enabled(cfg):  # LoRA trains its adapters, every block's
+            train_top_blocks(policy, cfg.ppo.num_layers_unfrozen)
         model = PolicyWithValueHead(policy)
         model.load_value_head(Path(src).expanduser())  # continuing from a PPO checkpoint keeps its value head
         model.to(acc.device)
         # the initial values of what trains, the rest shared; under ZeRO-3 (sharded weights) a whole copy
-        self.reference = FrozenCopy(model.policy) if self.zero3 else Reference(model.policy)
-        if self.resume_from is not None:
+        # with LoRA the same weights with the adapters off: nothing copied
+        self.reference = (lora.Reference(model.policy) if lora.enabled(cfg) else
+                          FrozenCopy(model.policy) if self.zero3 else Reference(model.policy))
+        if self.resume_from is not None and not lora.enabled(cfg):
             model.policy.load_state_dict(load_causal_lm(str(self.resume_from), cfg.model).state_dict())
+        lora.attach(model.policy, cfg, self.resume_from, src)  # LoRA resumes its adapter, on the base again
+        if self.resume_from is not None:
             model.load_value_head(self.resume_from)
         self.manifest = {"parent": ck.parent_info(src),
                          "data": {"source": cfg.data.source, "format": self.data.fmt,
