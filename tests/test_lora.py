@@ -249,3 +249,55 @@ def test_lora_memory_estimate_by_hand():
     assert "~15.4 GiB" in _estimate(cfg, (8.03e9, 32), 1, 0)
     full = load_config(DPO_CONFIG, "dpo", [], None)
     assert "~134.6 GiB" in _estimate(full, (8.03e9, 32), 1, 0)
+
+
+def test_gpu_only_options_and_a_foreign_adapter_are_one_sentence(sft_ckpt, lora_dpo, tmp_path):
+    from rlhf_cli.errors import UserError
+    from rlhf_cli.models import load_causal_lm
+    from rlhf_cli.config import load_config
+
+    out = tmp_path / "dpo"
+    if not torch.cuda.is_available():
+        assert_one_sentence(_dpo(sft_ckpt, out, "--set", "model.load_in_4bit=true"),
+                            r"model.load_in_4bit needs a CUDA GPU and this machine has none")
+        assert_one_sentence(_dpo(sft_ckpt, out, "--set", "model.attn_implementation=flash_attention_2"),
+                            r"flash_attention_2 needs a CUDA GPU.*use sdpa or eager")
+    assert_one_sentence(_dpo(sft_ckpt, out, "--set", "model.load_in_8bit=true", "--set", "model.lora.r=0"),
+                        r"quantized base weights do not train")
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+    # the DPO run's adapter (r 4, on the micro SFT model) onto the same model with r 8: refused, by name
+    cfg = load_config(DPO_CONFIG, "dpo", ["model.lora.r=8"], None)
+    other = lora.inject(load_causal_lm(str(sft_ckpt), cfg.model), cfg.model.lora)
+    with pytest.raises(UserError, match=r"does not fit this model's LoRA layers \(its base model is .*sft"):
+        lora.load_adapter(other, lora_dpo)
+
+
+def test_lora_reward_model_trains_its_score_head_in_full_and_saves_it_with_the_adapter(sft_ckpt, tmp_path):
+    """train-rm with LoRA: adapters on the trunk, the score head in full (PEFT's modules_to_save); the merged
+    checkpoint and PeftModel(base + adapter) give the same rewards. ILQL with LoRA runs and keeps its heads."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_cli.rewards import CheckpointReward
+
+    out = tmp_path / "rm"
+    r = run_cli("train-rm", "--config", str(ROOT / "stage_configs" / "tldr_rm.yaml"), "--init-from", str(sft_ckpt),
+                "--output-dir", str(out), *MICRO, *LORA, "--set", "train.learning_rate=1e-2")
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["score"] and config["task_type"] == "SEQ_CLS"
+    base = AutoModelForSequenceClassification.from_pretrained(sft_ckpt, num_labels=1)
+    base.config.pad_token_id = CheckpointReward(str(out)).tokenizer.pad_token_id
+    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+    merged = CheckpointReward(str(out))
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7]])
+    with torch.no_grad():
+        want = merged.model(input_ids=ids).logits
+        got = adapted(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+    r = run_cli("ilql", "--config", str(ROOT / "stage_configs" / "tldr_ilql.yaml"), "--policy", str(sft_ckpt),
+                "--output-dir", str(tmp_path / "ilql"), *MICRO, *LORA)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "ilql" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "ilql" / "ilql_heads.safetensors").is_file()

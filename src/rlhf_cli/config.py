@@ -54,6 +54,22 @@ class ModelConfig(Section):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the 'tiny' model.")
     lora: LoraSection = Field(default_factory=LoraSection, description="Low-rank adapters (peft) instead of a full "
                               "fine-tune.")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] | None = Field(
+        None, description="transformers' attention kernel; null: its default (sdpa where the family has it). "
+        "flash_attention_2 needs a CUDA GPU and the flash-attn package.")
+    load_in_4bit: bool = Field(False, description="QLoRA: base weights in 4-bit NF4 (bitsandbytes, a CUDA GPU), bf16 "
+                               "compute, double quantization; needs model.lora.r > 0.")
+    load_in_8bit: bool = Field(False, description="Base weights in 8-bit (bitsandbytes, a CUDA GPU); needs "
+                               "model.lora.r > 0.")
+
+    @model_validator(mode="after")
+    def _quantized_trains_adapters(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("model.load_in_4bit and model.load_in_8bit exclude each other; pick one")
+        if (self.load_in_4bit or self.load_in_8bit) and not self.lora.r:
+            raise ValueError("quantized base weights do not train: model.load_in_4bit / load_in_8bit need LoRA "
+                             "(set model.lora.r, e.g. 16)")
+        return self
 
 
 class TokenizerConfig(Section):

@@ -38,12 +38,12 @@ def summary(model) -> str:
     return f", LoRA: {trainable / 1e6:.3g}M of {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M train"
 
 
-def attach(lm, cfg, resume_from: Path | None, base_name: str) -> None:
+def attach(lm, cfg, resume_from: Path | None, base_name: str, full: tuple[str, ...] = ()) -> None:
     """A stage's LoRA set-up, when `model.lora.r` > 0: adapters injected, and restored from the checkpoint
     being resumed (whose root holds merged weights: the base came from `base_name` again)."""
     if not enabled(cfg):
         return
-    inject(lm, cfg.model.lora, base_name)
+    inject(lm, cfg.model.lora, base_name, full)
     if resume_from is not None:
         load_adapter(lm, resume_from)
 
@@ -52,15 +52,18 @@ def has_adapters(model) -> bool:
     return any(hasattr(m, "peft_config") for m in model.modules())
 
 
-def inject(lm, lora_cfg, base_name: str | None = None):
-    """Adapters into `lm` (in place; base weights frozen, the adapters trainable); `lm` is returned."""
+def inject(lm, lora_cfg, base_name: str | None = None, full: tuple[str, ...] = ()):
+    """Adapters into `lm` (in place; base weights frozen, the adapters trainable); `lm` is returned.
+    `full`: modules of `lm` that train in full beside them (a reward model's score head), saved with the
+    adapter as PEFT's `modules_to_save`."""
     import warnings
 
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import NoMatchingPeftModuleError  # type: ignore[attr-defined]
 
     targets = lora_cfg.target_modules
-    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, task_type="CAUSAL_LM",
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        task_type="SEQ_CLS" if full else "CAUSAL_LM", exclude_modules=list(full) or None,
                         target_modules=targets if isinstance(targets, str) else list(targets),
                         base_model_name_or_path=base_name)
     try:
@@ -72,6 +75,9 @@ def inject(lm, lora_cfg, base_name: str | None = None):
                         or type(m).__name__ == "Conv1D"})
         raise UserError(f"model.lora.target_modules {targets}: {str(e).splitlines()[0].rstrip('.')}; this model's "
                         f"linear layers are {', '.join(names)} (or use all-linear)") from None
+    for name in full:  # trained as they are (no peft wrapper around them: the module tree stays plain)
+        lm.get_submodule(name).requires_grad_(True)
+    lm.peft_config["default"].modules_to_save = list(full) or None  # what PeftModel.from_pretrained restores
     return lm
 
 
@@ -115,6 +121,7 @@ def plain_state_dict(model, state_dict: dict) -> dict:
     W + scaling * B @ A (transposed for GPT-2's Conv1D), computed from the state dict's own tensors (so it
     also holds for the gathered weights of ZeRO-3) and never written back into the training model."""
     layers = _lora_layers(model)
+    state_dict = _dequantized(model, state_dict)
     out = {}
     for key, value in state_dict.items():
         if ".lora_" in key:
@@ -131,14 +138,31 @@ def plain_state_dict(model, state_dict: dict) -> dict:
     return out
 
 
+def _dequantized(model, state_dict: dict) -> dict:
+    """bitsandbytes' packed weights (QLoRA's 4-bit, or 8-bit) back as bf16 under their plain keys, their
+    quantization state dropped: a merged checkpoint loads without bitsandbytes. (Run on GPUs only.)"""
+    quantized = {n: m for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
+    if not quantized:
+        return state_dict
+    from peft.utils.integrations import dequantize_module_weight
+
+    out = dict(state_dict)
+    for name, module in quantized.items():
+        for key in [k for k in out if k.startswith(f"{name}.") and k != f"{name}.bias"]:
+            del out[key]  # weight, weight.absmax, weight.quant_map, ..., SCB
+        out[f"{name}.weight"] = dequantize_module_weight(module).to(torch.bfloat16).cpu()
+    return out
+
+
 def save_adapter(model, state_dict: dict, dest: Path) -> None:
     """The adapter in PEFT's format: adapter_config.json and adapter_model.safetensors."""
     from safetensors.torch import save_file
 
     prefix = _lm_prefix(model)
     lm = model.get_submodule(prefix[:-1]) if prefix else model
+    full = tuple(f"{prefix}{n}." for n in lm.peft_config["default"].modules_to_save or ())
     tensors = {"base_model.model." + k[len(prefix):].replace(".default.", "."): v.detach().contiguous().cpu()
-               for k, v in state_dict.items() if ".lora_" in k and k.startswith(prefix)}
+               for k, v in state_dict.items() if ".lora_" in k and k.startswith(prefix) or k.startswith(full)}
     dest.mkdir(parents=True, exist_ok=True)
     lm.peft_config["default"].save_pretrained(str(dest))
     save_file(tensors, str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -161,10 +185,11 @@ def load_adapter(lm, src: Path) -> None:
         raise UserError(f"{src} has no {ADAPTER_DIR}/adapter_model.safetensors to resume the LoRA adapters from")
     saved = {k.removeprefix("base_model.model.").replace(".lora_A.", ".lora_A.default.")
              .replace(".lora_B.", ".lora_B.default."): v for k, v in load_file(str(path)).items()}
-    wanted = {k for k in lm.state_dict() if ".lora_" in k}
-    if set(saved) != wanted:
-        raise UserError(f"the adapter in {src / ADAPTER_DIR} does not fit this model's LoRA layers "
-                        "(another base model or model.lora.target_modules)")
+    full = tuple(f"{n}." for n in lm.peft_config["default"].modules_to_save or ())
+    wanted = {k: v.shape for k, v in lm.state_dict().items() if ".lora_" in k or k.startswith(full)}
+    if set(saved) != set(wanted) or any(saved[k].shape != shape for k, shape in wanted.items()):
+        raise UserError(f"the adapter in {src / ADAPTER_DIR} does not fit this model's LoRA layers (its base "
+                        f"model is {adapter_base(src) or 'unnamed'}; another base, model.lora.r or target_modules?)")
     lm.load_state_dict(saved, strict=False)
 
 

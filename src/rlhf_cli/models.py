@@ -129,8 +129,27 @@ def load_causal_lm(name: str, model_cfg):
         expect_kind(local, "policy", "model.name_or_path")
     dtype = "auto" if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype)
     model = load_pretrained(AutoModelForCausalLM, name, "model", dtype=dtype, revision=model_cfg.revision,
-                        trust_remote_code=model_cfg.trust_remote_code)
+                            trust_remote_code=model_cfg.trust_remote_code, **loading_options(model_cfg))
+    if getattr(model_cfg, "load_in_4bit", False) or getattr(model_cfg, "load_in_8bit", False):
+        from peft import prepare_model_for_kbit_training  # norms in fp32, input grads for the adapters
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return fuse_gelu(model) if model_cfg.fuse_gelu else model
+
+
+def loading_options(model_cfg) -> dict:
+    """from_pretrained's attention kernel and bitsandbytes quantization (QLoRA), as configured."""
+    kw: dict = {}
+    if getattr(model_cfg, "attn_implementation", None):
+        kw["attn_implementation"] = model_cfg.attn_implementation
+    if getattr(model_cfg, "load_in_4bit", False) or getattr(model_cfg, "load_in_8bit", False):
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = (BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True) if model_cfg.load_in_4bit else BitsAndBytesConfig(load_in_8bit=True))
+    return kw
 
 
 def fuse_gelu(model):
@@ -228,7 +247,8 @@ def load_reward_model(name: str, model_cfg, tokenizer):
 
     dtype = "auto" if model_cfg.dtype == "auto" else getattr(torch, model_cfg.dtype)
     model = load_pretrained(AutoModelForSequenceClassification, name, "model", num_labels=1, dtype=dtype,
-                        revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+                            revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+                            **loading_options(model_cfg))
     check_vocab(tokenizer, model, name)
     text_config(model).pad_token_id = tokenizer.pad_token_id  # HF's own pooling finds the last token by it
     return fuse_gelu(model) if model_cfg.fuse_gelu else model

@@ -55,7 +55,9 @@ def _cached(name: str) -> bool:
 
 
 def check_paths(cfg) -> None:
-    """Local checkpoints exist and are of the right kind: a property of the command, not the machine."""
+    """Local checkpoints exist and are of the right kind: a property of the command, not the machine; and
+    GPU-only model options have a GPU (checked here because a dry run's plan loads the model)."""
+    check_gpu_only(cfg.model)
     for flag, name, kind in model_sources(cfg):
         path = Path(name).expanduser()
         if path.exists():
@@ -88,6 +90,27 @@ def check_hub(cfg) -> None:
         if not _on_hub(name):
             raise UserError(f"{flag} {name} is neither a local path nor a model on the Hugging Face hub "
                             f"(a private or gated one needs `hf auth login`)")
+
+
+def check_gpu_only(model_cfg) -> None:
+    """bitsandbytes quantization and FlashAttention-2 run on CUDA GPUs only: one sentence here, not a library's
+    error after the model has half loaded."""
+    import importlib.util
+
+    import torch
+
+    wanted = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(model_cfg, k)]
+    if model_cfg.attn_implementation == "flash_attention_2":
+        wanted.append("attn_implementation: flash_attention_2")
+    if not wanted:
+        return
+    what = "model." + wanted[0]
+    if not torch.cuda.is_available():
+        raise UserError(f"{what} needs a CUDA GPU and this machine has none; " + (
+            "use sdpa or eager here" if "flash" in what else "drop it here (LoRA alone runs on CPU)"))
+    package = "flash_attn" if "flash" in what else "bitsandbytes"
+    if importlib.util.find_spec(package) is None:
+        raise UserError(f"{what} needs the {package} package: pip install {package.replace('_', '-')}")
 
 
 def check_devices(cfg) -> None:

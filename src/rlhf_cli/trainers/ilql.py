@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ck
+from .. import lora
 from ..data import formats
 from ..data.sources import load_formatted
 from ..data.tokenize import collate_sft, encode_prompt, sft_features
@@ -165,7 +166,8 @@ class ILQLStage(Stage):
     def prepare_data(self) -> None:
         cfg = self.cfg
         self.data = load_samples(cfg)
-        start = str(self.resume_from) if self.resume_from is not None else cfg.policy_source
+        # resuming: its weights (LoRA: the base again, the adapter comes in build)
+        start = str(self.resume_from) if self.resume_from is not None and not lora.enabled(cfg) else cfg.policy_source
         self.tokenizer, self.policy = _load(cfg, start)
         limit = max_positions(self.policy)
         if limit and cfg.data.max_length > limit:
@@ -181,6 +183,7 @@ class ILQLStage(Stage):
         heads = (ILQLHeads.load(self.resume_from) if self.resume_from is not None
                  else ILQLHeads(hidden_size(policy), vocab, cfg.ilql.two_qs))
         self.make_batcher([len(f["input_ids"]) for f in self.feats])
+        lora.attach(policy, cfg, self.resume_from, cfg.policy_source)  # the heads train in full
         self.manifest = {"parent": ck.parent_info(cfg.policy_source),
                          "data": {"source": cfg.data.source, "format": data.fmt, "fingerprint": data.fingerprint,
                                   "train_samples": len(self.feats), "eval_prompts": len(data.eval_prompts)},

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint as ck
+from .. import lora
 from .. import shared_prompt
 from ..data import formats
 from ..data.sources import PairData, load_pair_data
@@ -21,7 +22,7 @@ from ..heads import PooledReward
 from ..losses.reward import pairwise_loss
 from ..metrics import mean_and_stderr
 from ..models import (build_tiny_reward, checkpoint_kind, count_params, freeze_bottom, frozen_block_count,
-                      load_reward_model, load_tokenizer, max_positions, sequence_rewards, train_tokenizer)
+                      load_reward_model, load_tokenizer, max_positions, score_head, sequence_rewards, train_tokenizer)
 from . import common
 from .stage import Micro, Stage, StepLoss
 
@@ -91,10 +92,12 @@ def evaluate(model, tok, feats: list[dict], pairs: list[formats.PairExample], cf
 
 def _load(cfg, data: PairData, resume_from: Path | None):
     """(tokenizer, reward model): resumed, from --init-from / model.name_or_path, or tiny."""
-    name = str(resume_from) if resume_from is not None else cfg.init_source
+    # resuming: its weights (LoRA: the base again, the adapter and score head come in build)
+    name = str(resume_from) if resume_from is not None and not lora.enabled(cfg) else cfg.init_source
     if name == "tiny":
         texts = [formats.join_text(e.prompt, c) for e in data.train for c in (e.chosen, e.rejected)]
-        tok = (load_tokenizer(cfg.tokenizer.name_or_path) if cfg.tokenizer.name_or_path
+        tok = (load_tokenizer(str(resume_from)) if resume_from is not None else  # LoRA resumes on the tiny base
+               load_tokenizer(cfg.tokenizer.name_or_path) if cfg.tokenizer.name_or_path
                else train_tokenizer(texts, cfg.tokenizer.vocab_size, cfg.model.tiny.n_positions))
         return tok, build_tiny_reward(cfg.model.tiny, tok, cfg.seed, cfg.model.fuse_gelu)
     local = Path(name).expanduser()
@@ -152,7 +155,12 @@ class RewardModelStage(Stage):
     def build(self, acc):
         cfg, data = self.cfg, self.data
         self.frozen = frozen_block_count(self._model, cfg.freeze_fraction)
-        freeze_bottom(self._model, self.frozen)
+        if lora.enabled(cfg):  # adapters on every block instead; the score head trains in full
+            self.frozen = 0
+            head = next(n for n, m in self._model.named_children() if m is score_head(self._model))
+            lora.attach(self._model, cfg, self.resume_from, cfg.init_source, full=(head,))
+        else:
+            freeze_bottom(self._model, self.frozen)
         self.make_batcher([max(len(f["chosen"]), len(f["rejected"])) for f in self.feats])
         self.manifest = {
             "parent": ck.parent_info(cfg.init_source),
