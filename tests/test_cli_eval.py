@@ -93,3 +93,80 @@ def test_eval_reuses_an_up_to_date_report(sft_ckpt, tmp_path):
     second = run_cli(*args)
     assert second.exit_code == 0 and "up to date" in _flat(second.output)
     assert "up to date" not in _flat(run_cli(*args[:-2], "--seed", "7", "--output-dir", str(tmp_path / "e")).output)
+
+
+def test_win_rates_against_the_references_and_head_to_head_and_a_self_contained_html(sft_ckpt, tmp_path):
+    import re
+
+    from rlhf_cli.data.synthetic import gold_score
+
+    out = tmp_path / "eval"
+    r = run_cli("eval", "--ckpt", str(sft_ckpt), "--win-rate", "--num-samples", "12", "--max-new-tokens", "8",
+                "--temperature", "1.5", "--output-dir", str(out))
+    assert r.exit_code == 0, r.output
+    rows = json.loads((out / "report.json").read_text())["results"]
+    mine, refs = rows
+    assert refs["checkpoint"] == "reference completions"
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    name = mine["checkpoint"]
+    ref_gold = [gold_score(s["prompt"], s["reference"]) for s in samples]
+    by_hand = sum(1.0 if s[name]["gold"] > g else 0.5 if s[name]["gold"] == g else 0.0
+                  for s, g in zip(samples, ref_gold)) / 12
+    assert mine["win_rate"] == pytest.approx(by_hand) and mine["win_rate_judge"] == "gold"
+    assert mine["win_rate_lo"] <= mine["win_rate"] <= mine["win_rate_hi"]
+    assert refs["gold"] == pytest.approx(sum(ref_gold) / 12)
+    assert len(mine["win_rate_buckets"]) == 4
+    page = (out / "report.html").read_text()
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs and page.count('src="data:image/png;base64,') == len(pngs)
+    assert not re.search(r'(src|href)="(?!data:)', page) and "<script" not in page and "<link" not in page
+    assert "win rate" in page and samples[0]["reference"][:20].replace("&", "&amp;") in page
+
+    assert_one_sentence(run_cli("eval", "--ckpt", str(sft_ckpt), "--against", str(sft_ckpt), "--output-dir",
+                                str(tmp_path / "none")), r"--against .* needs another --ckpt to compare with it")
+    import shutil
+
+    twin = tmp_path / "twin"  # the same weights: every completion the same, so every pair a tie
+    shutil.copytree(sft_ckpt, twin)
+    r = run_cli("eval", "--ckpt", str(twin), "--against", str(sft_ckpt), "--num-samples", "6", "--max-new-tokens",
+                "4", "--output-dir", str(tmp_path / "h2h"))
+    assert r.exit_code == 0, r.output
+    twin_row, base_row = json.loads((tmp_path / "h2h" / "report.json").read_text())["results"]
+    assert (twin_row["win_rate"], twin_row["win_rate_lo"], twin_row["win_rate_hi"]) == (0.5, 0.5, 0.5)
+    assert twin_row["win_rate_against"] == str(sft_ckpt) and "win_rate" not in base_row
+
+
+EXACT_METRIC = '''
+import datasets
+import evaluate
+
+
+class ExactShare(evaluate.Metric):
+    """The share of completions equal to their reference, and their mean length in characters."""
+
+    def _info(self):
+        return evaluate.MetricInfo(description="exact share", citation="", inputs_description="",
+                                   features=datasets.Features({"predictions": datasets.Value("string"),
+                                                               "references": datasets.Value("string")}))
+
+    def _compute(self, predictions, references):
+        return {"exact": sum(p == r for p, r in zip(predictions, references)) / len(predictions),
+                "chars": sum(map(len, predictions)) / len(predictions)}
+'''
+
+
+def test_an_evaluate_metric_from_a_local_script_and_one_that_cannot_load(sft_ckpt, tmp_path):
+    script = tmp_path / "exact_share.py"
+    script.write_text(EXACT_METRIC)
+    out = tmp_path / "eval"
+    r = run_cli("eval", "--ckpt", str(sft_ckpt), "--metric", str(script), "--num-samples", "5", "--max-new-tokens",
+                "4", "--output-dir", str(out))
+    assert r.exit_code == 0, r.output
+    row = json.loads((out / "report.json").read_text())["results"][0]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    texts = [s[row["checkpoint"]]["completion"] for s in samples]
+    assert row["metric/exact_share/chars"] == pytest.approx(sum(map(len, texts)) / 5)
+    assert row["metric/exact_share/exact"] == 0.0
+    assert "exact_share/chars" in (out / "report.md").read_text()
+    assert_one_sentence(run_cli("eval", "--ckpt", str(sft_ckpt), "--metric", str(tmp_path / "missing.py"),
+                                "--output-dir", str(tmp_path / "e2")), r"--metric .*missing.py cannot be loaded")

@@ -412,6 +412,14 @@ def eval_(
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed (the same for every checkpoint).")] = 1234,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where the report goes; a report made with the "
                                               "same checkpoints and settings is reused.")] = Path("runs/eval"),
+    win_rate: Annotated[bool, typer.Option("--win-rate", help="Each checkpoint's win rate against the data's reference "
+                                           "completions (ties half, bootstrap 95% interval, length-controlled), "
+                                           "judged by gold on synthetic data, else by --reward.")] = False,
+    against: Annotated[str | None, typer.Option("--against", help="Head to head: win rates against this "
+                                                 "checkpoint's completions instead of the references.")] = None,
+    metric: Annotated[list[str] | None, typer.Option("--metric", help="An `evaluate` metric of completions against "
+                                                      "references (repeatable): a hub name online, a local metric "
+                                                      "script offline.")] = None,
     debug: DebugOpt = False,
 ):
     """Evaluate policies side by side: ROUGE, reward and Δ, gold, KL, length; report.md/json, samples, plots."""
@@ -421,7 +429,8 @@ def eval_(
 
         _quiet_libraries()
         req = EvalRequest(list(ckpt or []), data, config, rouge_, reward, reward_ckpt, reward_fn, reward_url, ref_ckpt,
-                          beta, num_samples, max_new_tokens, temperature, batch_size, seed, output_dir)
+                          beta, num_samples, max_new_tokens, temperature, batch_size, seed, output_dir, win_rate,
+                          against, list(metric or []))
         for note in fill_request(req):
             err.print(note, highlight=False, soft_wrap=True)
         with progress_bar(err, True) as progress:

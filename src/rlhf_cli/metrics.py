@@ -40,6 +40,42 @@ def mean_and_stderr(xs: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def win_rate(a: list[float], b: list[float]) -> float:
+    """How often a beats b, pair by pair, a tie counting half (Stiennon et al.'s preference rate)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"win_rate needs two equal, non-empty lists of scores, got {len(a)} and {len(b)}")
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+
+
+def bootstrap_interval(a: list[float], b: list[float], stat=win_rate, n: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of stat(a, b) over the pairs resampled with replacement (paired: each
+    draw keeps a prompt's two scores together)."""
+    import random
+
+    rng = random.Random(seed)
+    k = len(a)
+    draws = sorted(stat([a[i] for i in idx], [b[i] for i in idx])
+                   for idx in ([rng.randrange(k) for _ in range(k)] for _ in range(n)))
+    lo, hi = (1 - level) / 2, (1 + level) / 2
+    return draws[int(lo * (n - 1))], draws[int(math.ceil(hi * (n - 1)))]
+
+
+def length_buckets(lengths: list[int], buckets: int = 4) -> list[list[int]]:
+    """Indices split into `buckets` groups of (nearly) equal size by length, shortest first."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    edges = [round(j * len(order) / buckets) for j in range(buckets + 1)]
+    return [order[lo:hi] for lo, hi in zip(edges, edges[1:]) if hi > lo]
+
+
+def length_controlled_win_rate(a: list[float], b: list[float], lengths: list[int], buckets: int = 4
+                               ) -> tuple[float, list[float]]:
+    """The win rate within each length bucket of a's completions, and their unweighted mean: a policy that
+    wins only by writing more wins only in its longest bucket, and the mean shows it."""
+    rates = [win_rate([a[i] for i in g], [b[i] for i in g]) for g in length_buckets(lengths, buckets)]
+    return sum(rates) / len(rates), rates
+
+
 def gold_scores(prompts: list[str], completions: list[str]) -> list[float] | None:
     """Gold scores when every prompt is synthetic, else None."""
     if not prompts or not all(synthetic.is_synthetic_prompt(p) for p in prompts):

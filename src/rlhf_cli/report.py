@@ -24,13 +24,15 @@ from .data.sources import load_formatted
 from .data.tokenize import encode_prompt
 from .errors import UserError
 from .heads import ILQL_HEADS_FILE, ILQLHeads
-from .metrics import gold_scores, mean_and_stderr, rouge
+from .metrics import (bootstrap_interval, gold_scores, length_controlled_win_rate, mean_and_stderr, rouge,
+                      win_rate)
 from .models import checkpoint_kind, expect_kind, load_pretrained, load_tokenizer, max_positions
 from .rewards import columns_of, make_reward
 from .sampling import generate, ilql_generate, sequence_logprobs
 
 COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("reward", "reward"),
-           ("reward_delta", "reward Δ"), ("gold", "gold"), ("kl", "KL to ref"), ("response_length", "length")]
+           ("reward_delta", "reward Δ"), ("gold", "gold"), ("win_rate", "win rate [95%]"),
+           ("win_rate_lc", "LC win rate"), ("kl", "KL to ref"), ("response_length", "length")]
 
 
 def load_eval_prompts(data_cfg, seed: int, num_samples: int, tokenizer_of: str | None = None,
@@ -63,9 +65,11 @@ def reference_policy(ckpts: list[str], ref: str | None) -> str:
 def evaluate_checkpoints(ckpts: list[str], pairs, gen_cfg, *, reward=None, ref: str | None = None,
                          beta: float | None = None, top_k: int = 20, use_rouge: bool = True, batch_size: int = 32,
                          seed: int = 1234, max_prompt_length: int = 192, device=None, progress=None,
-                         columns: list[dict] | None = None) -> tuple[list[dict], list[dict]]:
+                         columns: list[dict] | None = None, win_rates: bool = False,
+                         against: str | None = None, metrics: dict | None = None) -> tuple[list[dict], list[dict]]:
     """One result row per checkpoint, and one sample row per prompt with every model's output. `columns`:
-    each prompt's other data columns, handed to the reward by name."""
+    each prompt's other data columns, handed to the reward by name. `win_rates`: each checkpoint against the
+    reference completions, or against the checkpoint `against`, judged by gold (synthetic) else the reward."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
     if reward is not None:
@@ -96,11 +100,76 @@ def evaluate_checkpoints(ckpts: list[str], pairs, gen_cfg, *, reward=None, ref: 
         with_eos = [o + [tok.eos_token_id] if len(o) < gen_cfg.max_new_tokens else o for o in outs]
         row.update(reference.kl(model, tok, queries, with_eos, batch_size))
         row["response_length"] = sum(len(o) for o in outs) / len(outs)
+        if metrics and all(refs):
+            row.update(metric_values(metrics, texts, refs))
         rows.append({**row, "ref_policy": ref_path})
         for i, s in enumerate(samples):
-            s[name] = {"completion": texts[i], **{k: v[i] for k, v in scores.items()}}
+            s[name] = {"completion": texts[i], "length": len(outs[i]), **{k: v[i] for k, v in scores.items()}}
         del model
+    if win_rates:
+        rows = add_win_rates(rows, samples, prompts, refs, against)
     return rows, samples
+
+
+def add_win_rates(rows: list[dict], samples: list[dict], prompts, refs, against: str | None) -> list[dict]:
+    """Win rate (ties half) of every checkpoint's completions against the references' (or against the
+    checkpoint `against`), with a paired bootstrap 95% interval and the length-controlled view; judged by the
+    gold scorer where the data has one, else by the reward. With references, their own row is added."""
+    judge = "gold" if all("gold" in s.get(rows[0]["checkpoint"], {}) for s in samples) else \
+        "reward" if all("reward" in s.get(rows[0]["checkpoint"], {}) for s in samples) else None
+    if judge is None:
+        raise UserError("--win-rate needs a judge: synthetic data (the gold scorer) or a reward source (--reward)")
+    if against is None:
+        if not all(refs):
+            raise UserError("--win-rate compares against the data's reference completions and some prompts have "
+                            "none; pass --against CKPT for a head-to-head")
+        base = gold_scores(prompts, refs) if judge == "gold" else [s["reference_reward"] for s in samples]
+        ref_row = {"checkpoint": "reference completions", "n": len(refs), "ref_policy": rows[0]["ref_policy"]}
+        ref_row[judge], ref_row[f"{judge}_stderr"] = mean_and_stderr(base)
+        rows = [*rows, ref_row]
+    else:
+        name = next((r["checkpoint"] for r in rows if r["checkpoint"].split(" (beta")[0] == against), None)
+        if name is None:
+            raise UserError(f"--against {against} is not one of the evaluated checkpoints")
+        base = [s[name][judge] for s in samples]
+    for r in rows:
+        if r["checkpoint"] == "reference completions" or r["checkpoint"] == against:
+            continue
+        mine = [s[r["checkpoint"]][judge] for s in samples]
+        lengths = [s[r["checkpoint"]]["length"] for s in samples]
+        r["win_rate"] = win_rate(mine, base)
+        r["win_rate_lo"], r["win_rate_hi"] = bootstrap_interval(mine, base)
+        r["win_rate_lc"], r["win_rate_buckets"] = length_controlled_win_rate(mine, base, lengths)
+        r["win_rate_judge"], r["win_rate_against"] = judge, against or "reference completions"
+    return rows
+
+
+def load_metrics(names: list[str]) -> dict:
+    """`evaluate` metrics by name (a hub metric, online) or path (a local metric script or folder, offline)."""
+    import evaluate
+
+    loaded = {}
+    for name in names:
+        try:
+            loaded[name] = evaluate.load(name)
+        except Exception as e:  # offline hub, a missing file, a script that does not import: all one sentence
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--metric {name} cannot be loaded ({why[:160]}); offline, give the path of a "
+                            "local evaluate metric script") from None
+    return loaded
+
+
+def metric_values(metrics: dict, texts: list[str], refs: list[str]) -> dict:
+    """Each metric's numeric results on completions against references, as metric/NAME/KEY."""
+    out = {}
+    for name, metric in metrics.items():
+        try:
+            result = metric.compute(predictions=texts, references=refs) or {}
+        except Exception as e:
+            raise UserError(f"--metric {name} failed on the completions: {type(e).__name__}: {e}") from None
+        label = Path(name).stem if Path(name).suffix == ".py" else name
+        out.update({f"metric/{label}/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))})
+    return out
 
 
 def prompt_room(model, path: str, max_prompt_length: int, max_new_tokens: int) -> int:
@@ -164,12 +233,20 @@ def _fmt(row: dict, key: str) -> str:
     v = row.get(key)
     if v is None:
         return "—"
+    if f"{key}_lo" in row:
+        return f"{v:.3f} [{row[f'{key}_lo']:.2f}, {row[f'{key}_hi']:.2f}]"
     se = row.get(f"{key}_stderr")
     return f"{v:.3f}" + (f" ± {se:.3f}" if se is not None and se == se else "")
 
 
+def columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """(key, title) of the table: the known columns the rows have, then each --metric's values."""
+    extra = sorted({k for r in rows for k in r if k.startswith("metric/")})
+    return [(k, t) for k, t in COLUMNS if any(k in r for r in rows)] + [(k, k.removeprefix("metric/")) for k in extra]
+
+
 def markdown(rows: list[dict]) -> str:
-    cols = [(k, t) for k, t in COLUMNS if any(k in r for r in rows)]
+    cols = columns(rows)
     lines = ["| checkpoint | " + " | ".join(t for _, t in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += ["| " + r["checkpoint"] + " | " + " | ".join(_fmt(r, k) for k, _ in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -185,7 +262,7 @@ def table(rows: list[dict], title: str):
     """Metrics down, checkpoints across (trlx's SFT-vs-PPO layout): fits a terminal for a handful of models."""
     from rich.table import Table
 
-    cols = [(k, t) for k, t in COLUMNS if any(k in r for r in rows)]
+    cols = columns(rows)
     t = Table(title=title)
     t.add_column("metric")
     for r in rows:
@@ -236,14 +313,56 @@ def plots(rows: list[dict], samples: list[dict], out: Path) -> list[str]:
     return written
 
 
+NOTE = ("mean ± standard error; win rates: ties count half, [95% paired bootstrap interval], LC = the mean of the "
+        "win rates within four buckets of completion length")
+
+
 def write_report(rows: list[dict], samples: list[dict], out: Path, settings: dict) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps({"settings": settings, "results": rows}, indent=2))
     (out / "report.md").write_text(f"# rlhf eval\n\n{markdown(rows)}\nReference policy for KL: "
                                    f"{rows[0]['ref_policy'] if rows else '-'}; {settings.get('num_samples')} "
-                                   "held-out prompts; mean ± standard error.\n")
+                                   f"held-out prompts; {NOTE}.\n")
     (out / "samples.jsonl").write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    return ["report.json", "report.md", "samples.jsonl", *plots(rows, samples, out)]
+    figures = plots(rows, samples, out)
+    (out / "report.html").write_text(html_report(rows, samples, settings, [out / f for f in figures]))
+    return ["report.json", "report.md", "report.html", "samples.jsonl", *figures]
+
+
+def html_report(rows: list[dict], samples: list[dict], settings: dict, figures: list[Path], shown: int = 24) -> str:
+    """One self-contained page (opens offline, nothing fetched): the table, every figure embedded as a data
+    URI, and the first `shown` prompts with each checkpoint's completion side by side."""
+    import base64
+    import html
+
+    esc = html.escape
+    cols = columns(rows)
+    head = "".join(f"<th>{esc(short_name(r['checkpoint']))}</th>" for r in rows)
+    body = "".join(f"<tr><td>{esc(t)}</td>" + "".join(f"<td>{esc(_fmt(r, k))}</td>" for r in rows) + "</tr>"
+                   for k, t in cols)
+    images = "".join(f'<figure><img alt="{esc(f.stem)}" src="data:image/png;base64,'
+                     f'{base64.b64encode(f.read_bytes()).decode()}"><figcaption>{esc(f.stem)}</figcaption></figure>'
+                     for f in figures)
+    names = [r["checkpoint"] for r in rows if r["checkpoint"] != "reference completions"]
+    cards = []
+    for s in samples[:shown]:
+        cells = [f"<td><b>reference</b><br>{esc(s.get('reference') or '—')}</td>"]
+        for n in names:
+            c = s.get(n) or {}
+            score = ", ".join(f"{k} {c[k]:.3f}" for k in ("gold", "reward") if isinstance(c.get(k), (int, float)))
+            cells.append(f"<td><b>{esc(short_name(n))}</b> <small>{esc(score)}</small><br>"
+                         f"{esc(c.get('completion', ''))}</td>")
+        cards.append(f"<tr><td class=p>{esc(s['prompt'][-400:])}</td>{''.join(cells)}</tr>")
+    style = ("body{font:14px sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}td,th{border:1px "
+             "solid #ccc;padding:4px 8px;vertical-align:top}td.p{white-space:pre-wrap;max-width:30em;color:#555}"
+             "figure{display:inline-block;margin:0 1em}img{max-width:480px}")
+    return (f"<!doctype html><html><head><meta charset=utf-8><title>rlhf eval</title><style>{style}</style></head>"
+            f"<body><h1>rlhf eval</h1><p>{esc(str(settings.get('num_samples')))} held-out prompts of "
+            f"{esc(str((settings.get('data') or {}).get('source', '')))}; KL to "
+            f"{esc(str(rows[0].get('ref_policy', '-') if rows else '-'))}; {esc(NOTE)}.</p>"
+            f"<table><tr><th>metric</th>{head}</tr>{body}</table>{images}"
+            f"<h2>Samples</h2><table><tr><th>prompt</th><th colspan={len(names) + 1}>completions</th></tr>"
+            f"{''.join(cards)}</table></body></html>\n")
 
 
 # --- `rlhf eval` end to end: data, cache check, evaluation, files ---------------------------------------
@@ -267,6 +386,9 @@ class EvalRequest:
     batch_size: int = 64
     seed: int = 1234
     output_dir: Path = Path("runs/eval")
+    win_rate: bool = False
+    against: str | None = None  # head-to-head: win rates against this checkpoint instead of the references
+    metrics: list[str] | None = None  # `evaluate` metrics: hub names or local script paths
 
 
 @dataclass
@@ -319,6 +441,12 @@ def fill_request(req: EvalRequest, runs: Path = Path("runs")) -> list[str]:
 
 def run_eval(req: EvalRequest, progress) -> EvalResult:
     """Evaluate `req.ckpts` and write the report, or reuse a report made with the same checkpoints and settings."""
+    if req.against is not None:
+        req.win_rate = True
+        if not [c for c in req.ckpts if c != req.against]:
+            raise UserError(f"--against {req.against} needs another --ckpt to compare with it")
+        if req.against not in req.ckpts:
+            req.ckpts = [*req.ckpts, req.against]
     for c in req.ckpts:
         if not Path(c).exists():
             raise UserError(f"checkpoint {c} does not exist")
@@ -332,10 +460,12 @@ def run_eval(req: EvalRequest, progress) -> EvalResult:
                 "data": to_dict(data_cfg), "num_samples": len(pairs), "seed": req.seed, "rouge": req.rouge,
                 "max_new_tokens": req.max_new_tokens, "temperature": req.temperature, "beta": req.beta,
                 "ref_ckpt": req.ref_ckpt, "reward": [req.reward_ckpt, req.reward_fn, req.reward_url] if req.reward else None,
-                "reward_hash": ck.content_hash(Path(req.reward_ckpt)) if req.reward and req.reward_ckpt else None}
+                "reward_hash": ck.content_hash(Path(req.reward_ckpt)) if req.reward and req.reward_ckpt else None,
+                "win_rate": req.win_rate, "against": req.against, "metrics": req.metrics}
     saved = req.output_dir / "report.json"
     if saved.is_file() and json.loads(saved.read_text()).get("settings") == settings:
         return EvalResult(json.loads(saved.read_text())["results"], title, None)
+    metrics = load_metrics(req.metrics or [])  # before any sampling: a metric that cannot load is said at once
     source = make_reward(req.reward_ckpt, req.reward_fn, req.reward_url, batch_size=req.batch_size) if req.reward else None
     gen = GenerationConfig(max_new_tokens=req.max_new_tokens, do_sample=req.temperature > 0,
                            temperature=req.temperature or 1.0)
@@ -344,7 +474,8 @@ def run_eval(req: EvalRequest, progress) -> EvalResult:
     rows, samples = evaluate_checkpoints(req.ckpts, pairs, gen, reward=source, ref=req.ref_ckpt, beta=req.beta,
                                          use_rouge=req.rouge, batch_size=req.batch_size, seed=req.seed,
                                          max_prompt_length=data_cfg.max_prompt_length, progress=progress,
-                                         columns=columns)
+                                         columns=columns, win_rates=req.win_rate, against=req.against,
+                                         metrics=metrics)
     return EvalResult(rows, title, write_report(rows, samples, req.output_dir, settings))
 
 
