@@ -170,3 +170,33 @@ def test_an_evaluate_metric_from_a_local_script_and_one_that_cannot_load(sft_ckp
     assert "exact_share/chars" in (out / "report.md").read_text()
     assert_one_sentence(run_cli("eval", "--ckpt", str(sft_ckpt), "--metric", str(tmp_path / "missing.py"),
                                 "--output-dir", str(tmp_path / "e2")), r"--metric .*missing.py cannot be loaded")
+
+
+def test_curves_along_training_proxy_and_gold_against_sqrt_kl_and_the_dpo_signature(sft_ckpt, tmp_path):
+    """PPO and DPO evaluate every 2 steps (KL to their reference included); `rlhf eval` reads those evals back
+    and draws Gao et al.'s figure and DPO's training signature into report.html."""
+    micro = ["--set", "data.synthetic.num_train=32", "--set", "data.synthetic.num_eval=4", "--set", "eval.num_samples=4",
+             "--set", "eval.generation.max_new_tokens=4", "--set", "eval.interval=2", "--set", "checkpoint.interval=0",
+             "--set", "train.log_interval=1"]
+    r = run_cli("dpo", "--config", str(ROOT / "stage_configs" / "tldr_dpo.yaml"), "--policy", str(sft_ckpt),
+                "--output-dir", str(tmp_path / "dpo"), *micro, "--set", "train.batch_size=4", "--set", "train.max_steps=6")
+    assert r.exit_code == 0, r.output
+    r = run_cli("ppo", "--config", str(ROOT / "stage_configs" / "tldr_ppo.yaml"), "--policy", str(sft_ckpt),
+                "--reward-fn", GOLD_FN, "--no-delta", "--output-dir", str(tmp_path / "ppo"), *micro,
+                "--set", "train.batch_size=4", "--set", "train.max_steps=6", "--set", "ppo.num_rollouts=4",
+                "--set", "ppo.chunk_size=4", "--set", "ppo.ppo_epochs=1", "--set", "ppo.generation.max_new_tokens=4",
+                "--set", "ppo.num_layers_unfrozen=1")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "eval"
+    r = run_cli("eval", "--ckpt", str(tmp_path / "dpo"), "--ckpt", str(tmp_path / "ppo"), "--num-samples", "4",
+                "--max-new-tokens", "4", "--output-dir", str(out))
+    assert r.exit_code == 0, r.output
+    curves = json.loads((out / "report.json").read_text())["curves"]
+    for name in ("dpo", "ppo"):  # at the start, every 2 steps, at the end
+        points = curves[str(tmp_path / name)]
+        assert [p["step"] for p in points] == [0, 2, 4, 6], points
+        assert points[0]["kl"] == pytest.approx(0.0, abs=1e-5) and all(p["gold"] is not None for p in points)
+    assert all(p["reward"] is not None for p in curves[str(tmp_path / "ppo")])
+    page = (out / "report.html").read_text()
+    for figure in ("overoptimization", "dpo_training"):
+        assert (out / f"{figure}.png").stat().st_size > 0 and f'alt="{figure}"' in page

@@ -142,17 +142,24 @@ class Reference:
         return functional_call(self.policy, self.params, args=(), kwargs=kwargs, strict=False).logits
 
 
-class FrozenCopy:
-    """A whole frozen copy of the initial policy: the reference under ZeRO-3, where the policy's own
-    weights are sharded and cannot be swapped in (each process holds the full copy)."""
+class Held:
+    """A reference policy already held (DPO's frozen reference) behind the reference interface: no copy."""
 
-    def __init__(self, policy: nn.Module):
-        self.model = copy.deepcopy(policy).eval().requires_grad_(False)
+    def __init__(self, model: nn.Module):
+        self.model = model
 
     @torch.no_grad()
     def logits(self, input_ids, attention_mask, num_logits: int) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                           use_cache=False, logits_to_keep=num_logits).logits
+
+
+class FrozenCopy(Held):
+    """A whole frozen copy of the initial policy: the reference under ZeRO-3, where the policy's own
+    weights are sharded and cannot be swapped in (each process holds the full copy)."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__(copy.deepcopy(policy).eval().requires_grad_(False))
 
 
 ILQL_HEADS_FILE = "ilql_heads.safetensors"

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from rouge_score import rouge_scorer
 
 from .data import synthetic
 from .data.tokenize import encode_prompt
-from .sampling import generate
+from .losses.ppo import token_logprobs
+from .sampling import collate_responses, generate, response_logits
 
 
 def rouge(predictions: list[str], references: list[str], tokenizer=None) -> dict[str, float]:
@@ -83,21 +86,42 @@ def gold_scores(prompts: list[str], completions: list[str]) -> list[float] | Non
     return [synthetic.gold_score(p, c) for p, c in zip(prompts, completions)]
 
 
-def generation_metrics(model, tokenizer, prompts: list[str], references: list[str], cfg, progress=None
-                       ) -> tuple[dict, list[dict]]:
+@torch.no_grad()
+def sequence_kls(policy, reference, pad_id: int, queries, responses, batch_size: int, device) -> list[float]:
+    """Per-sample sum over response tokens of log pi - log pi_ref: an unbiased estimate of KL(pi || ref) on
+    pi's own samples. `reference`: anything with `logits(input_ids, attention_mask, num_logits)`."""
+    out: list[float] = []
+    for i in range(0, len(queries), batch_size):
+        b = collate_responses(queries[i: i + batch_size], responses[i: i + batch_size], pad_id, device)
+        n = b.responses.shape[1]
+        lp = token_logprobs(response_logits(policy, b), b.responses)
+        ref = token_logprobs(reference.logits(b.input_ids, b.attention_mask, n + 1)[:, :-1], b.responses)
+        out += ((lp - ref) * b.mask).sum(1).tolist()
+    return out
+
+
+def generation_metrics(model, tokenizer, prompts: list[str], references: list[str], cfg, progress=None,
+                       reference=None) -> tuple[dict, list[dict]]:
     """Generate for `prompts` with `cfg.eval.generation`: ROUGE-1/2/L against `references`, mean
-    response length and, when every prompt is synthetic, the gold score; plus the samples."""
+    response length and, when every prompt is synthetic, the gold score; with a `reference` policy (DPO's)
+    the KL to it, as the online methods report it; plus the samples."""
     if not prompts:
         return {}, []
     ev = cfg.eval
     ids = [encode_prompt(tokenizer, p, cfg.data.max_prompt_length)[0] for p in prompts]
-    outs = generate(model, tokenizer, ids, ev.generation, ev.batch_size, ev.seed, progress)
+    outs = generate(model, tokenizer, ids, ev.generation, ev.batch_size, ev.seed, progress, keep_eos=reference is not None)
     texts = tokenizer.batch_decode(outs, skip_special_tokens=True)
     metrics = {f"eval/{k}": v for k, v in rouge(texts, references, tokenizer).items()}
     metrics["eval/response_length"] = sum(len(o) for o in outs) / len(outs)
     gold = gold_scores(prompts, texts)
     if gold is not None:
         metrics["eval/gold"], metrics["eval/gold_stderr"] = mean_and_stderr(gold)
-    samples = [{"prompt": p, "reference": r, "completion": t, **({"gold": g} if gold is not None else {})}
-               for p, r, t, g in zip(prompts, references, texts, gold or [None] * len(texts))]
+    kls = [None] * len(texts)
+    if reference is not None:
+        device = next(model.parameters()).device
+        kls = sequence_kls(model, reference, tokenizer.pad_token_id, ids, outs, ev.batch_size, device)
+        metrics["eval/kl"], metrics["eval/kl_stderr"] = mean_and_stderr(kls)
+    samples = [{"prompt": p, "reference": r, "completion": t, **({"gold": g} if gold is not None else {}),
+                **({"kl": k} if k is not None else {})}
+               for p, r, t, g, k in zip(prompts, references, texts, gold or [None] * len(texts), kls)]
     return metrics, samples

@@ -29,6 +29,7 @@ from .metrics import (bootstrap_interval, gold_scores, length_controlled_win_rat
 from .models import checkpoint_kind, expect_kind, load_pretrained, load_tokenizer, max_positions
 from .rewards import columns_of, make_reward
 from .sampling import generate, ilql_generate, sequence_logprobs
+from .tracking import read_metrics
 
 COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("reward", "reward"),
            ("reward_delta", "reward Δ"), ("gold", "gold"), ("win_rate", "win rate [95%]"),
@@ -317,14 +318,81 @@ NOTE = ("mean ± standard error; win rates: ties count half, [95% paired bootstr
         "win rates within four buckets of completion length")
 
 
+def training_curve(ckpt: str) -> list[dict]:
+    """A checkpoint's held-out evals along its training (its metrics.jsonl): step, KL to its reference, proxy
+    reward, gold and length at each eval that measured the KL (online methods; DPO with a held reference)."""
+    curve = []
+    for r in read_metrics(Path(ckpt) / ck.METRICS):
+        if isinstance(r.get("eval/kl"), (int, float)):
+            curve.append({"step": r.get("step"), "kl": r["eval/kl"], "reward": r.get("eval/reward"),
+                          "gold": r.get("eval/gold"), "length": r.get("eval/response_length")})
+    return curve
+
+
+def curve_plots(curves: dict[str, list[dict]], ckpts: list[str], out: Path) -> list[str]:
+    """Gao et al.'s figure: proxy reward (solid) and gold (dashed) against sqrt(KL) along training, one colour
+    per checkpoint; and DPO's training signature (loss from ln 2, reward accuracy from 0.5, margin, chosen and
+    rejected implicit rewards) for the DPO checkpoints."""
+    matplotlib.use("Agg")
+    import math
+
+    import matplotlib.pyplot as plt
+
+    written = []
+    drawn = {c: pts for c, pts in curves.items() if len(pts) >= 2}
+    if drawn:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, (c, pts) in enumerate(drawn.items()):
+            x = [math.sqrt(max(p["kl"], 0.0)) for p in pts]
+            for key, style in (("reward", "-o"), ("gold", "--s")):
+                ys = [p[key] for p in pts]
+                if all(isinstance(y, (int, float)) for y in ys):
+                    ax.plot(x, ys, style, color=f"C{i}", ms=3, label=f"{short_name(c)}: {'proxy' if key == 'reward' else key}")
+        ax.set_xlabel("sqrt(KL to the reference), nats^1/2")
+        ax.set_ylabel("held-out score")
+        ax.set_title("proxy reward and gold along training", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "overoptimization.png", dpi=120)
+        plt.close(fig)
+        written.append("overoptimization.png")
+    dpo = {c: [r for r in read_metrics(Path(c) / ck.METRICS) if "train/rewards/margins" in r] for c in ckpts
+           if (ck.read_manifest(Path(c)) or {}).get("stage") == "dpo"}
+    dpo = {c: rs for c, rs in dpo.items() if rs}
+    if dpo:
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+        for i, (c, rs) in enumerate(dpo.items()):
+            steps = [r["step"] for r in rs]
+            axes[0].plot(steps, [r["train/loss"] for r in rs], color=f"C{i}", label=short_name(c))
+            axes[1].plot(steps, [r["train/rewards/accuracies"] for r in rs], color=f"C{i}")
+            for key, style in (("margins", "-"), ("chosen", "--"), ("rejected", ":")):
+                axes[2].plot(steps, [r[f"train/rewards/{key}"] for r in rs], style, color=f"C{i}",
+                             label=f"{short_name(c)}: {key}")
+        axes[0].axhline(math.log(2), color="grey", lw=0.8)
+        axes[1].axhline(0.5, color="grey", lw=0.8)
+        for ax, title in zip(axes, ("loss (starts at ln 2)", "reward accuracy (starts at 0.5)",
+                                    "implicit rewards: margin, chosen, rejected")):
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("step")
+        axes[0].legend(fontsize=7)
+        axes[2].legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / "dpo_training.png", dpi=120)
+        plt.close(fig)
+        written.append("dpo_training.png")
+    return written
+
+
 def write_report(rows: list[dict], samples: list[dict], out: Path, settings: dict) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps({"settings": settings, "results": rows}, indent=2))
+    ckpts = settings.get("checkpoints") or []
+    curves = {c: training_curve(c) for c in ckpts}
+    (out / "report.json").write_text(json.dumps({"settings": settings, "results": rows, "curves": curves}, indent=2))
     (out / "report.md").write_text(f"# rlhf eval\n\n{markdown(rows)}\nReference policy for KL: "
                                    f"{rows[0]['ref_policy'] if rows else '-'}; {settings.get('num_samples')} "
                                    f"held-out prompts; {NOTE}.\n")
     (out / "samples.jsonl").write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    figures = plots(rows, samples, out)
+    figures = plots(rows, samples, out) + curve_plots(curves, ckpts, out)
     (out / "report.html").write_text(html_report(rows, samples, settings, [out / f for f in figures]))
     return ["report.json", "report.md", "report.html", "samples.jsonl", *figures]
 

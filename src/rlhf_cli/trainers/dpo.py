@@ -19,6 +19,7 @@ from .. import lora
 from ..data.sources import PairData, load_pair_data
 from ..data.tokenize import sft_features
 from ..errors import UserError
+from ..heads import Held
 from ..losses.dpo import dpo_loss
 from ..metrics import generation_metrics
 from ..models import check_policy_source, count_params, disable_dropout, load_trained_policy, max_positions
@@ -56,7 +57,7 @@ def _loss(cfg, pw, pl, rw, rl, nw, nl):
 
 
 def evaluate(model, ref, ref_eval, tok, data: PairData, feats_eval, cfg, device, progress,
-             reference=contextlib.nullcontext) -> tuple[dict, list]:
+             reference=contextlib.nullcontext, kl_reference=None) -> tuple[dict, list]:
     """Held-out DPO metrics on `eval.num_samples` pairs, and generation (ROUGE vs chosen, gold) on their prompts."""
     n = min(len(feats_eval), cfg.eval.num_samples)
     metrics: dict = {}
@@ -79,7 +80,8 @@ def evaluate(model, ref, ref_eval, tok, data: PairData, feats_eval, cfg, device,
         pw, pl, rw, rl, nw, nl = (torch.cat(v) for v in (pws, pls, rws, rls, nws, nls))
         metrics = {f"eval/{k}": v / len(pw) for k, v in pair_sums(_loss(cfg, pw, pl, rw, rl, nw, nl), pw, pl).items()}
     pairs = [e for e in data.eval if e.prompt][: cfg.eval.num_samples]
-    gen, samples = generation_metrics(model, tok, [e.prompt for e in pairs], [e.chosen for e in pairs], cfg, progress)
+    gen, samples = generation_metrics(model, tok, [e.prompt for e in pairs], [e.chosen for e in pairs], cfg, progress,
+                                      kl_reference)
     metrics.update(gen)
     return metrics, samples
 
@@ -189,6 +191,10 @@ class DPOStage(Stage):
         return lora.adapters_off(self.ref) if lora.enabled(self.cfg) else contextlib.nullcontext()
 
     def evaluate(self, core, progress) -> tuple[dict, list[dict]]:
+        # the KL of the policy's samples to the reference, as the online methods log it (none with the cache:
+        # the reference model is not held)
+        kl_reference = (lora.Reference(self.ref) if lora.enabled(self.cfg) else
+                        Held(self.ref) if self.ref is not None else None)
         return evaluate(core, self.ref, self.ref_eval, self.tokenizer, self.data, self.feats_eval, self.cfg,
-                        self.acc.device, progress, self.reference)
+                        self.acc.device, progress, self.reference, kl_reference)
 

@@ -5,28 +5,11 @@ references, and the KL to the reference policy.
 
 from __future__ import annotations
 
-import torch
 
 from ..data.tokenize import encode_prompt
-from ..heads import Reference
-from ..losses.ppo import token_logprobs
-from ..metrics import gold_scores, mean_and_stderr, rouge
-from ..sampling import collate_responses, generate, response_logits
+from ..metrics import gold_scores, mean_and_stderr, rouge, sequence_kls
+from ..sampling import generate
 from .rollouts import PromptData, Scorer
-
-
-@torch.no_grad()
-def sequence_kls(policy, reference: Reference, pad_id: int, queries, responses, batch_size: int,
-                 device) -> list[float]:
-    """Per-sample sum over response tokens of log pi - log pi_ref: an unbiased estimate of KL(pi || ref)."""
-    out: list[float] = []
-    for i in range(0, len(queries), batch_size):
-        b = collate_responses(queries[i: i + batch_size], responses[i: i + batch_size], pad_id, device)
-        R = b.responses.shape[1]
-        lp = token_logprobs(response_logits(policy, b), b.responses)
-        ref = token_logprobs(reference.logits(b.input_ids, b.attention_mask, R + 1)[:, :-1], b.responses)
-        out += ((lp - ref) * b.mask).sum(1).tolist()
-    return out
 
 
 def evaluate(model, reference, tok, data: PromptData, scorer: Scorer, cfg, device, progress,
