@@ -51,12 +51,12 @@ def test_eval_steers_an_ilql_checkpoint_with_beta(sft_ckpt, tmp_path):
                 "--set", "train.batch_size=8", "--set", "train.max_steps=2", "--set", "eval.num_samples=2",
                 "--set", "eval.generation.max_new_tokens=4", "--set", "ilql.gen_betas=[0]")
     assert r.exit_code == 0, r.output
-    r = run_cli("eval", "--ckpt", str(ilql), "--beta", "2", "--num-samples", "4", "--max-new-tokens", "4",
-                "--output-dir", str(tmp_path / "eval"))
+    r = run_cli("eval", "--ckpt", str(ilql), "--beta", "0", "--beta", "2", "--num-samples", "4", "--max-new-tokens",
+                "4", "--output-dir", str(tmp_path / "eval"))
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert rep["results"][0]["checkpoint"].endswith("(beta 2)")
-    assert "gold" in rep["results"][0]
+    assert [r["checkpoint"].rsplit(" (", 1)[1] for r in rep["results"]] == ["beta 0)", "beta 2)"]  # a sweep
+    assert all("gold" in r for r in rep["results"])
 
 
 @pytest.mark.parametrize("args,pattern", [

@@ -404,7 +404,8 @@ def eval_(
     reward_ckpt: RewardCkptOpt = None, reward_fn: RewardFnOpt = None, reward_url: RewardUrlOpt = None,
     ref_ckpt: Annotated[str | None, typer.Option("--ref-ckpt", help="Reference policy of the KL column (default: the "
                                                   "first checkpoint's parent).")] = None,
-    beta: Annotated[float | None, typer.Option("--beta", help="ILQL checkpoints: steer with logits + beta * (Q - V).")] = None,
+    beta: Annotated[list[float] | None, typer.Option("--beta", help="ILQL checkpoints: steer with logits + beta * "
+                                                      "(Q - V); repeat for a sweep (a row per beta).")] = None,
     num_samples: Annotated[int, typer.Option("--num-samples", min=1, help="Held-out prompts.")] = 256,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 32,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0)] = 1.0,

@@ -64,7 +64,7 @@ def reference_policy(ckpts: list[str], ref: str | None) -> str:
 
 
 def evaluate_checkpoints(ckpts: list[str], pairs, gen_cfg, *, reward=None, ref: str | None = None,
-                         beta: float | None = None, top_k: int = 20, use_rouge: bool = True, batch_size: int = 32,
+                         beta: float | list[float] | None = None, top_k: int = 20, use_rouge: bool = True, batch_size: int = 32,
                          seed: int = 1234, max_prompt_length: int = 192, device=None, progress=None,
                          columns: list[dict] | None = None, win_rates: bool = False,
                          against: str | None = None, metrics: dict | None = None) -> tuple[list[dict], list[dict]]:
@@ -81,6 +81,7 @@ def evaluate_checkpoints(ckpts: list[str], pairs, gen_cfg, *, reward=None, ref: 
     for s, r in zip(samples, ref_scores or []):
         s["reference_reward"] = r
     reference = _Reference(ref_path, device)
+    betas = [beta] if isinstance(beta, (int, float)) else list(beta or [])
     for path in ckpts:
         if Path(path).exists():
             expect_kind(Path(path), "policy", "--ckpt")
@@ -88,28 +89,35 @@ def evaluate_checkpoints(ckpts: list[str], pairs, gen_cfg, *, reward=None, ref: 
         model = load_pretrained(AutoModelForCausalLM, path, "model").to(device).eval()
         room = prompt_room(model, path, max_prompt_length, gen_cfg.max_new_tokens)
         queries = [encode_prompt(tok, p, room)[0] for p in prompts]
-        steer = beta is not None and (Path(path) / ILQL_HEADS_FILE).is_file()
-        if steer:
-            heads = ILQLHeads.load(path).to(device)
-            outs = ilql_generate(model, heads, tok, queries, beta, gen_cfg, top_k, batch_size, seed, progress)
-        else:
-            outs = generate(model, tok, queries, gen_cfg, batch_size, seed, progress)
-        texts = tok.batch_decode(outs, skip_special_tokens=True)
-        name = path + (f" (beta {beta:g})" if steer else "")
-        row, scores = _scores(name, prompts, refs, texts, reward, ref_scores, use_rouge, tok)
-        # KL(pi || ref) estimated on pi's own samples: mean over samples of sum_t log pi - log ref
-        with_eos = [o + [tok.eos_token_id] if len(o) < gen_cfg.max_new_tokens else o for o in outs]
-        row.update(reference.kl(model, tok, queries, with_eos, batch_size))
-        row["response_length"] = sum(len(o) for o in outs) / len(outs)
-        if metrics and all(refs):
-            row.update(metric_values(metrics, texts, refs))
-        rows.append({**row, "ref_policy": ref_path})
-        for i, s in enumerate(samples):
-            s[name] = {"completion": texts[i], "length": len(outs[i]), **{k: v[i] for k, v in scores.items()}}
+        heads = ILQLHeads.load(path).to(device) if betas and (Path(path) / ILQL_HEADS_FILE).is_file() else None
+        for b in betas if heads is not None else [None]:  # an ILQL checkpoint: one row per steering beta
+            outs = (ilql_generate(model, heads, tok, queries, b, gen_cfg, top_k, batch_size, seed, progress)
+                    if b is not None else generate(model, tok, queries, gen_cfg, batch_size, seed, progress))
+            name = path + (f" (beta {b:g})" if b is not None else "")
+            row = _row(name, model, tok, queries, outs, prompts, refs, reward, ref_scores, use_rouge, reference,
+                       gen_cfg, batch_size, metrics, samples)
+            rows.append({**row, "ref_policy": ref_path})
         del model
     if win_rates:
         rows = add_win_rates(rows, samples, prompts, refs, against)
     return rows, samples
+
+
+def _row(name, model, tok, queries, outs, prompts, refs, reward, ref_scores, use_rouge, reference, gen_cfg,
+         batch_size, metrics, samples) -> dict:
+    """One evaluated model's row (ROUGE, reward, gold, KL, length, --metric values); its samples filled in."""
+    texts = tok.batch_decode(outs, skip_special_tokens=True)
+    row, scores = _scores(name, prompts, refs, texts, reward, ref_scores, use_rouge, tok)
+    # KL(pi || ref) estimated on pi's own samples: mean over samples of sum_t log pi - log ref (an ILQL
+    # checkpoint's: of its LM, without the steering)
+    with_eos = [o + [tok.eos_token_id] if len(o) < gen_cfg.max_new_tokens else o for o in outs]
+    row.update(reference.kl(model, tok, queries, with_eos, batch_size))
+    row["response_length"] = sum(len(o) for o in outs) / len(outs)
+    if metrics and all(refs):
+        row.update(metric_values(metrics, texts, refs))
+    for i, s in enumerate(samples):
+        s[name] = {"completion": texts[i], "length": len(outs[i]), **{k: v[i] for k, v in scores.items()}}
+    return row
 
 
 def add_win_rates(rows: list[dict], samples: list[dict], prompts, refs, against: str | None) -> list[dict]:
@@ -447,7 +455,7 @@ class EvalRequest:
     reward_fn: str | None = None
     reward_url: str | None = None
     ref_ckpt: str | None = None
-    beta: float | None = None
+    beta: list[float] | None = None  # ILQL: one row per steering beta (a sweep)
     num_samples: int = 256
     max_new_tokens: int = 32
     temperature: float = 1.0
