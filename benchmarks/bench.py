@@ -45,6 +45,7 @@ MAIN = ("sft", "rm", "dpo", "ppo")  # the main table; grpo and mem have a sectio
 TRL_SCRIPT = {"ppo": "trl_ppo.py", "grpo": "trl_grpo.py"}  # one method each (no --method); else trl_side.py
 GRPO_BEGIN, GRPO_END = "<!-- GRPO section: bench.py --methods grpo,mem -->", "<!-- end of GRPO section -->"
 SERVER_MARKERS = ("<!-- reward-server:begin -->", "<!-- reward-server:end -->")  # reward_server.py writes it
+LORA_MARKERS = ("<!-- lora:begin -->", "<!-- lora:end -->")  # lora.py writes it
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1",
        "PYTHONWARNINGS": "ignore"}
@@ -312,12 +313,13 @@ def _cut(text: str, begin: str, end: str) -> tuple[str, str]:
 
 def write_merged(path: Path, main_text: str | None, grpo_text: str | None) -> None:
     """Write RESULTS.md from its main part and its GRPO section; a part that is None (not run this time) is
-    kept from the file as it is, and so is reward_server.py's section."""
+    kept from the file as it is, and so are reward_server.py's and lora.py's sections."""
     old = path.read_text() if path.exists() else ""
     old_grpo, old = _cut(old, GRPO_BEGIN, GRPO_END)
     served, old = _cut(old, *SERVER_MARKERS)
+    lora, old = _cut(old, *LORA_MARKERS)
     main = main_text if main_text is not None else old
-    grpo = (grpo_text if grpo_text is not None else old_grpo) + ("\n" + served if served else "")
+    grpo = (grpo_text if grpo_text is not None else old_grpo) + "".join("\n" + s for s in (served, lora) if s)
     anchor = "## Where the differences come from"
     if not grpo:
         text = main

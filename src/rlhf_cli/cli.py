@@ -218,12 +218,20 @@ def _print_results(result: dict, stage: str) -> None:
 
 
 def _relaunch(d) -> bool:
-    """Run this same command under torchrun / accelerate launch when the config asks for several
+    """Run this same command under torchrun / accelerate launch / Ray Train when the config asks for several
     processes and we are not one of them yet. Returns False when this process should train."""
     import subprocess
 
-    if "WORLD_SIZE" in os.environ or (d.num_processes <= 1 and not d.accelerate_config):
+    if "WORLD_SIZE" in os.environ:
         return False
+    if d.num_processes <= 1 and not d.accelerate_config:
+        if d.launcher == "ray":
+            err.print("distributed.launcher: ray with one process: training in this process, without Ray")
+        return False
+    if d.launcher == "ray":  # rlhf_cli.ray_launch starts the workers, relays rank 0's output, returns the exit code
+        from .ray_launch import launch
+
+        raise typer.Exit(launch(d, sys.argv[1:], note=err.print, say=_say))
     if d.accelerate_config:
         if not Path(d.accelerate_config).is_file():
             raise UserError(f"distributed.accelerate_config {d.accelerate_config} does not exist")

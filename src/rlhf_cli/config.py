@@ -188,11 +188,35 @@ class LoggingConfig(Section):
 
 class DistributedConfig(Section):
     num_processes: int = Field(1, ge=1, description="Processes on this machine; above 1, `rlhf` relaunches itself "
-                               "under torchrun (DDP; gloo on CPU, NCCL on GPUs).")
+                               "under torchrun (DDP; gloo on CPU, NCCL on GPUs), or as that many Ray workers "
+                               "(launcher: ray).")
     accelerate_config: str | None = Field(None, description="An accelerate config file: `rlhf` relaunches itself with "
                                           "`accelerate launch --config_file` (multi-GPU, multi-node).")
     deepspeed_config: str | None = Field(None, description="DeepSpeed JSON config (ZeRO stage, offload); 'auto' "
                                          "values are filled from the train section.")
+    launcher: Literal["torchrun", "accelerate", "ray"] | None = Field(
+        None, description="What starts the processes: torchrun (num_processes on this machine), accelerate "
+        "(accelerate launch with accelerate_config), ray (num_processes Ray Train workers on a Ray cluster, each "
+        "running this same command; with one process it trains here, without Ray). null: accelerate when "
+        "accelerate_config is set, else torchrun.")
+    ray_address: str | None = Field(None, description="The Ray cluster to join (host:port of its head, or auto); "
+                                    "null: RAY_ADDRESS, or a cluster started on this node by `ray start`, "
+                                    "as ray.init() finds them, else a local one for this run only.")
+
+    @model_validator(mode="after")
+    def _launcher_fits(self):
+        # a key the chosen launcher would silently ignore is a mistake: say so before anything starts
+        if self.launcher == "accelerate" and not self.accelerate_config:
+            raise ValueError("distributed.launcher: accelerate needs distributed.accelerate_config (an accelerate "
+                             "launch config file)")
+        if self.launcher in ("torchrun", "ray") and self.accelerate_config:
+            raise ValueError(f"distributed.launcher: {self.launcher} does not read distributed.accelerate_config; "
+                             "set it to null (the processes: distributed.num_processes; ZeRO: "
+                             "distributed.deepspeed_config)")
+        if self.ray_address and self.launcher != "ray":
+            raise ValueError("distributed.ray_address is only read by distributed.launcher: ray; set the launcher "
+                             "or drop the address")
+        return self
 
 
 class StageConfig(Section):
@@ -435,6 +459,8 @@ def keys(stage: str) -> list[tuple[str, str, str, str]]:
         raise UserError(f"unknown stage '{stage}'; choose one of {', '.join(CONFIGS)}")
 
     def type_name(ann) -> str:
+        if typing.get_origin(ann) is typing.Union:  # Literal[...] | None: typing spells it Optional[...]
+            return " | ".join("None" if a is type(None) else type_name(a) for a in typing.get_args(ann))
         text = getattr(ann, "__name__", None) if typing.get_origin(ann) is None else None
         return text or str(ann).replace("typing.", "").replace("NoneType", "None")
 

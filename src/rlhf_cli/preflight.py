@@ -1,7 +1,7 @@
 """Checks that take seconds and run before any model is loaded or worker spawned, on `--dry-run` too:
 every checkpoint a run is given exists and is of the right kind (`check_paths`), and this machine can run
 the plan (`check_machine`: the GPUs a launch config asks for are there, a hub name is cached or the hub
-reachable). Each problem is one sentence (a UserError)."""
+reachable, a Ray cluster to join answers). Each problem is one sentence (a UserError)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from . import ray_launch
 from .errors import UserError
 from .hub import hub_error, hub_reachable
 from .models import expect_kind
@@ -133,6 +134,9 @@ def check_devices(cfg) -> None:
 
 
 def check_machine(cfg) -> None:
-    """What this machine must have for the plan: the GPUs first (the bigger surprise), then the hub."""
+    """What this machine must have for the plan: the GPUs first (the bigger surprise), then the hub, then
+    Ray (installed, and the cluster to join answering) for `distributed.launcher: ray`."""
     check_devices(cfg)
     check_hub(cfg)
+    if cfg.distributed.launcher == "ray":
+        ray_launch.check(cfg.distributed)
