@@ -9,7 +9,8 @@ The regime is a LoRA user's: micro-batches of one pair / one rollout, 4 accumula
 a micro-batch's activations (~0.35 MiB per token in fp32 at this shape, ~100 MiB for a ~290-token pair) are
 about the weights' size (98 MiB); at micro-batch 4 they would be four times it, a regime an 8B model does not
 reach at these lengths. Each cell is one stage run in its own process with one thread, configured by ours.py's
-`stage_config` (fp32, AdamW, no gradient checkpointing, seed 0, same data): `full` trains every weight (the
+`stage_config` (fp32, AdamW, seed 0, same data), with the activations kept for the backward pass or recomputed
+(gradient checkpointing; `--regimes`): `full` trains every weight (the
 reference is a frozen copy of the policy), `lora` sets `model.lora` = LORA (the reference is the policy with
 its adapters off). PPO's reward is workload.length_reward: no reward model is loaded, the memory is the
 policy's. Repeats are interleaved (full, lora; then lora, full; ...); every number is the median of the repeats.
@@ -48,7 +49,8 @@ LORA = {"r": 16, "alpha": 32.0, "dropout": 0.0, "target_modules": "all-linear"}
 DPO = {"batch_size": 1, "grad_accum": 4, "steps": 8, "lr": 1e-5}  # batch_size: the micro-batch
 PPO = {"rollouts": 16, "iterations": 3, "mini_batch": 1, "grad_accum": 4, "ppo_epochs": 1, "max_new_tokens": 24,
        "chunk_size": 16, "lr": 1e-5, "kl_coef": 0.05}  # chunk_size: rollouts per generation call
-CELLS = [f"{m}_{mode}" for m in ("dpo", "ppo") for mode in ("full", "lora")]
+REGIMES = {"kept": False, "recomputed": True}  # activations kept for the backward pass, or gradient checkpointing
+CELLS = [f"{m}_{mode}_{regime}" for regime in REGIMES for m in ("dpo", "ppo") for mode in ("full", "lora")]
 
 
 def build(work: Path) -> dict:
@@ -95,10 +97,11 @@ def child(spec_path: str, cell: str, out: str) -> None:
     from rlhf_cli import cli
 
     torch.set_num_threads(1)
-    method, mode = cell.split("_")
+    method, mode, regime = cell.split("_")
     spec = json.loads(Path(spec_path).read_text())
     cfg = ours.stage_config(spec, method, seed=0)
     cfg["train"]["gradient_accumulation_steps"] = spec[method]["grad_accum"]
+    cfg["train"]["gradient_checkpointing"] = REGIMES[regime]
     if method == "ppo":
         cfg["reward"] = {"fn": ours.LENGTH_REWARD, "delta": False}
     if mode == "lora":
@@ -135,7 +138,7 @@ def same_work(full: list[dict], lora: list[dict]) -> str:
 
 def render(spec: dict, runs: dict, args, minutes: float) -> str:
     med = {c: {k: statistics.median(r[k] for r in runs[c]) for k in ("peak_rss_mb", "base_rss_mb", "s_per_unit")}
-           for c in CELLS}
+           for c in CELLS if runs.get(c)}
     for m in med.values():
         m["over"] = m["peak_rss_mb"] - m["base_rss_mb"]
     s, w_mib = spec["shape"], spec["params"] * 4 / 2**20
@@ -162,7 +165,9 @@ def render(spec: dict, runs: dict, args, minutes: float) -> str:
              "`workload.length_reward` (no reward model).",
              "- Micro-batches of one: a LoRA user's regime, where a micro-batch's activations (~100 MiB for a "
              "~290-token pair here) are about the weights' size, not several times it.",
-             "- Both: fp32, fused AdamW, no gradient checkpointing, seed 0, ours.py's `stage_config`. The reference: "
+             "- Both: fp32, fused AdamW, seed 0, ours.py's `stage_config`; each pair of runs once with the activations "
+             "kept for the backward pass and once recomputed (`train.gradient_checkpointing`, as LoRA users of large "
+             "models run). The reference: "
              "full = a frozen copy of the policy; LoRA = the policy with its adapters off. Expected from the weights "
              f"alone: full = weights + gradients + 2 Adam moments + reference = 5 x {w_mib:.0f} = {5 * w_mib:.0f} MiB; "
              f"LoRA = the weights once ({w_mib:.0f} MiB) + the adapters' share.",
@@ -172,22 +177,27 @@ def render(spec: dict, runs: dict, args, minutes: float) -> str:
              "and rlhf_cli's dpo and ppo trainers imported, no model loaded), as bench.py's mem cells take it; over "
              "baseline = peak - baseline, what the stage adds. s / step: the stage's `train_loop` seconds "
              "(rlhf_stage.json) per optimizer step (DPO) or per iteration (PPO: sampling, reference pass, updates).",
-             "", "| method | mode | peak RSS MiB | over baseline MiB | LoRA / full (peak; over baseline) | s / step | "
-             "LoRA / full (time) | same work |", "|---|---|---:|---:|---|---:|---|---|"]
+             "", "| method | activations | mode | peak RSS MiB | over baseline MiB | LoRA / full (peak; over baseline) | "
+             "s / step | LoRA / full (time) | same work |", "|---|---|---|---:|---:|---|---:|---|---|"]
     verdicts = []
-    for method in ("dpo", "ppo"):
-        f, lo = med[f"{method}_full"], med[f"{method}_lora"]
-        peak, over, t = (lo[k] / f[k] for k in ("peak_rss_mb", "over", "s_per_unit"))
-        unit = "step" if method == "dpo" else "iteration"
-        lines.append(f"| {method.upper()} | full | {f['peak_rss_mb']:.0f} | {f['over']:.0f} | | {f['s_per_unit']:.2f} s / "
-                     f"{unit} | | |")
-        lines.append(f"| {method.upper()} | LoRA r {LORA['r']} | {lo['peak_rss_mb']:.0f} | {lo['over']:.0f} | **{peak:.2f}; "
-                     f"{over:.2f}** | {lo['s_per_unit']:.2f} s / {unit} | **{t:.2f}x** | "
-                     f"{same_work(runs[f'{method}_full'], runs[f'{method}_lora'])} |")
-        share = lambda x: f"{100 * x:.0f}% ({'<= 50%' if x <= 0.5 else 'more than 50%'})"  # noqa: E731
-        verdicts.append(f"- {method.upper()}: LoRA's peak is {share(peak)} of the full fine-tune's as a raw peak, "
-                        f"{share(over)} of it over the baseline.")
-    lines += ["", *verdicts, "", "```", f"python benchmarks/lora.py --repeats {args.repeats}", "```", END]
+    share = lambda x: f"{100 * x:.0f}% ({'<= 50%' if x <= 0.5 else 'more than 50%'})"  # noqa: E731
+    for regime in REGIMES:
+        for method in ("dpo", "ppo"):
+            full, adapted = f"{method}_full_{regime}", f"{method}_lora_{regime}"
+            if full not in med or adapted not in med:
+                continue
+            f, lo = med[full], med[adapted]
+            peak, over, t = (lo[k] / f[k] for k in ("peak_rss_mb", "over", "s_per_unit"))
+            unit = "step" if method == "dpo" else "iteration"
+            lines.append(f"| {method.upper()} | {regime} | full | {f['peak_rss_mb']:.0f} | {f['over']:.0f} | | "
+                         f"{f['s_per_unit']:.2f} s / {unit} | | |")
+            lines.append(f"| {method.upper()} | {regime} | LoRA r {LORA['r']} | {lo['peak_rss_mb']:.0f} | {lo['over']:.0f} | "
+                         f"**{peak:.2f}; {over:.2f}** | {lo['s_per_unit']:.2f} s / {unit} | **{t:.2f}x** | "
+                         f"{same_work(runs[full], runs[adapted])} |")
+            verdicts.append(f"- {method.upper()}, activations {regime}: LoRA's peak is {share(peak)} of the full "
+                            f"fine-tune's as a raw peak, {share(over)} of it over the baseline.")
+    lines += ["", *verdicts, "", "```", f"python benchmarks/lora.py --repeats {args.repeats} --regimes {args.regimes}",
+              "```", END]
     return "\n".join(lines) + "\n"
 
 
@@ -209,6 +219,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", default=str(bench.ROOT / ".bench"))
     ap.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    ap.add_argument("--regimes", default=",".join(REGIMES), help="kept (activations kept), recomputed "
+                    "(gradient checkpointing), or both")
     ap.add_argument("--method", choices=CELLS, help=argparse.SUPPRESS)  # a child run (bench.run_one's arguments)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -224,14 +236,15 @@ def main() -> None:
     print(f"Llama {spec['params']:,} parameters, LoRA {spec['adapter_params']:,} trainable", flush=True)
     spec_path = work / "work" / "lora" / "spec.json"
     runs: dict = {c: [] for c in CELLS}
+    cells = [(m, regime) for regime in args.regimes.split(",") for m in ("dpo", "ppo")]
     for r in range(args.repeats):
-        for method in ("dpo", "ppo"):
+        for method, regime in cells:
             modes = ["full", "lora"] if r % 2 == 0 else ["lora", "full"]
             for mode in modes:
-                cell = f"{method}_{mode}"
+                cell = f"{method}_{mode}_{regime}"
                 res = bench.run_one(sys.executable, "lora.py", spec_path, cell, res_dir / f"lora_{cell}_{r}.json", log)
                 runs[cell].append(res)
-                print(f"repeat {r + 1} {cell:9s}: peak {res['peak_rss_mb']:.0f} MiB, baseline {res['base_rss_mb']:.0f} "
+                print(f"repeat {r + 1} {cell:20s}: peak {res['peak_rss_mb']:.0f} MiB, baseline {res['base_rss_mb']:.0f} "
                       f"MiB, {res['s_per_unit']:.2f} s per {'step' if method == 'dpo' else 'iteration'}", flush=True)
     section = render(spec, runs, args, (time.perf_counter() - t_start) / 60)
     write_section(Path(args.results), section)
