@@ -311,6 +311,20 @@ def _cut(text: str, begin: str, end: str) -> tuple[str, str]:
     return text[a:b] + "\n", text[:a].rstrip("\n") + "\n\n" + text[b:].lstrip("\n")
 
 
+def write_section(path: Path, section: str, begin: str, end: str) -> None:
+    """A section of RESULTS.md that another script regenerates (reward_server.py, lora.py): replace the one
+    between its markers, else put it before the main part's discussion, else append it."""
+    old = path.read_text() if path.exists() else ""
+    anchor = "## Where the differences come from"
+    if begin in old and end in old:
+        text = old[:old.index(begin)] + section.rstrip("\n") + old[old.index(end) + len(end):]
+    elif anchor in old:
+        text = old[:old.index(anchor)] + section + "\n" + old[old.index(anchor):]
+    else:
+        text = (old.rstrip("\n") + "\n\n" if old.strip() else "") + section
+    path.write_text(text)
+
+
 def write_merged(path: Path, main_text: str | None, grpo_text: str | None) -> None:
     """Write RESULTS.md from its main part and its GRPO section; a part that is None (not run this time) is
     kept from the file as it is, and so are reward_server.py's and lora.py's sections."""

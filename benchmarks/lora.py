@@ -201,19 +201,6 @@ def render(spec: dict, runs: dict, args, minutes: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the section between the markers, else put it before the main part's discussion, else append."""
-    old = path.read_text() if path.exists() else ""
-    anchor = "## Where the differences come from"
-    if BEGIN in old and END in old:
-        text = old[:old.index(BEGIN)] + section.rstrip("\n") + old[old.index(END) + len(END):]
-    elif anchor in old:
-        text = old[:old.index(anchor)] + section + "\n" + old[old.index(anchor):]
-    else:
-        text = (old.rstrip("\n") + "\n\n" if old.strip() else "") + section
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=2)
@@ -247,7 +234,7 @@ def main() -> None:
                 print(f"repeat {r + 1} {cell:20s}: peak {res['peak_rss_mb']:.0f} MiB, baseline {res['base_rss_mb']:.0f} "
                       f"MiB, {res['s_per_unit']:.2f} s per {'step' if method == 'dpo' else 'iteration'}", flush=True)
     section = render(spec, runs, args, (time.perf_counter() - t_start) / 60)
-    write_section(Path(args.results), section)
+    bench.write_section(Path(args.results), section, BEGIN, END)
     (res_dir / "lora_summary.json").write_text(json.dumps(runs, indent=1))
     print(section)
 

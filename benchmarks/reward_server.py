@@ -47,7 +47,7 @@ import bench  # noqa: E402
 import ours  # noqa: E402
 import workload  # noqa: E402
 
-BEGIN, END = "<!-- reward-server:begin -->", "<!-- reward-server:end -->"
+BEGIN, END = bench.SERVER_MARKERS
 RLHF = str(Path(sys.executable).with_name("rlhf"))
 BATCHES, IN_FLIGHT, COMPLETION_TOKENS = (1, 16, 64), (1, 4), 24
 
@@ -188,19 +188,6 @@ def render(results: dict, args, minutes: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the section between the markers, else put it before the main part's discussion, else append."""
-    old = path.read_text() if path.exists() else ""
-    anchor = "## Where the differences come from"
-    if BEGIN in old and END in old:
-        text = old[:old.index(BEGIN)] + section.rstrip("\n") + old[old.index(END) + len(END):]
-    elif anchor in old:
-        text = old[:old.index(anchor)] + section + "\n" + old[old.index(anchor):]
-    else:
-        text = (old.rstrip("\n") + "\n\n" if old.strip() else "") + section
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="tiny,medium")
@@ -243,7 +230,7 @@ def main() -> None:
                     server.kill()
             results[size] = {"startup_s": startup, "ppo": pairs, "throughput": tput}
     section = render(results, args, (time.perf_counter() - t_start) / 60)
-    write_section(Path(args.results), section)
+    bench.write_section(Path(args.results), section, BEGIN, END)
     if args.out_json:
         Path(args.out_json).write_text(json.dumps(results, indent=1))
     print(section)

@@ -76,6 +76,19 @@ def sft_ckpt(tmp_path_factory):
     return out
 
 
+def tiny_reward_ckpt(out, sft_ckpt, seed: int = 0):
+    """A random-init tiny reward checkpoint at `out` with the micro SFT model's tokenizer."""
+    from rlhf_cli.config import TinyModelConfig
+    from rlhf_cli.models import build_tiny_reward, load_tokenizer
+
+    tok = load_tokenizer(str(sft_ckpt))
+    rm = build_tiny_reward(TinyModelConfig(n_layer=1, n_embd=32, n_head=2), tok, seed=seed)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def hh_reward_model_in(folder, sft_ckpt):
     """Tiny reward checkpoints at folder/runs/hh/rm and runs/chat/rm, where the hh_ppo and chat_ppo GPU presets
     expect the reward model of the earlier stage: preflight (on --dry-run too) refuses a missing one."""

@@ -8,7 +8,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import assert_one_sentence, run_cli
+from conftest import tiny_reward_ckpt, assert_one_sentence, run_cli
 
 from rlhf_cli.rewards import CheckpointReward
 
@@ -18,16 +18,7 @@ OUTS = [" my dog ate my homework.", " there, friend", ""]
 
 @pytest.fixture(scope="module")
 def rm_ckpt(sft_ckpt, tmp_path_factory):
-    from rlhf_cli.config import TinyModelConfig
-    from rlhf_cli.models import build_tiny_reward, load_tokenizer
-
-    tok = load_tokenizer(str(sft_ckpt))
-    rm = build_tiny_reward(TinyModelConfig(n_layer=1, n_embd=32, n_head=2), tok, seed=1)
-    rm.config.pad_token_id = tok.pad_token_id
-    out = tmp_path_factory.mktemp("triton") / "rm"
-    rm.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return tiny_reward_ckpt(tmp_path_factory.mktemp("triton") / "rm", sft_ckpt, seed=1)
 
 
 class _Tensor:

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import ROOT, assert_one_sentence, rlhf_cmd, run_cli
+from conftest import tiny_reward_ckpt, ROOT, assert_one_sentence, rlhf_cmd, run_cli
 
 from rlhf_cli.checkpoint import latest_checkpoint
 from rlhf_cli.errors import UserError
@@ -62,16 +62,7 @@ def stop(proc):
 
 @pytest.fixture(scope="module")
 def rm_ckpt(sft_ckpt, tmp_path_factory):
-    from rlhf_cli.config import TinyModelConfig
-    from rlhf_cli.models import build_tiny_reward, load_tokenizer
-
-    tok = load_tokenizer(str(sft_ckpt))
-    rm = build_tiny_reward(TinyModelConfig(n_layer=1, n_embd=32, n_head=2), tok, seed=0)
-    rm.config.pad_token_id = tok.pad_token_id
-    out = tmp_path_factory.mktemp("served") / "rm"
-    rm.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return tiny_reward_ckpt(tmp_path_factory.mktemp("served") / "rm", sft_ckpt, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -523,13 +523,16 @@ def serve_rm(ckpt: CkptOpt, port: Annotated[int, typer.Option("--port", help="HT
              debug: DebugOpt = False):
     """Serve a reward model over the Open Inference Protocol (KServe v2, as Triton and KServe speak) with MLServer."""
     def go():
+        from .serving import prepare
+
+        _quiet_libraries()
+        scorer = prepare(ckpt, port, host, max_batch_size, device, max_length)
         try:
             from .serving.server import serve
         except ImportError:
             raise UserError("rlhf serve-rm needs MLServer: pip install 'rlhf-cli[serve]'") from None
-        _quiet_libraries()
-        serve(ckpt, port=port, model_name=model_name, max_batch_size=max_batch_size, max_batch_time=max_batch_time,
-              host=host, device=device, max_length=max_length, on_ready=lambda: err.print(
+        serve(scorer, ckpt, port=port, model_name=model_name, max_batch_size=max_batch_size,
+              max_batch_time=max_batch_time, host=host, on_ready=lambda: err.print(
                   f"serving {ckpt} as model '{model_name}' on http://{host}:{port}/v2/models/{model_name}/infer "
                   f"(gRPC :{port + 1}); ready: GET /v2/health/ready", highlight=False, soft_wrap=True))
     _guard(debug, go)

@@ -8,9 +8,12 @@ right-padded, as trlx's Triton client sends them). Output: `rewards` (FP32, [N])
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..models import max_positions, sequence_rewards
 from ..rewards import CheckpointReward
 
@@ -70,3 +73,23 @@ class RewardScorer:
                 out.append(sequence_rewards(r.model, torch.as_tensor(ids[i: i + r.batch_size], device=r.device),
                                             torch.as_tensor(mask[i: i + r.batch_size], device=r.device)).cpu())
         return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def free_port(host: str, port: int) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a just-stopped server's port is free
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise UserError(f"port {port} is already in use on {host}; pick another with --port") from None
+
+
+def prepare(ckpt: str, port: int, host: str = "0.0.0.0", max_batch_size: int = 64, device: str | None = None,
+            max_length: int = 512) -> RewardScorer:
+    """What `rlhf serve-rm` checks and loads before any server starts: a bad checkpoint or a busy port is one
+    sentence, not a server that never becomes ready."""
+    if max_batch_size < 1:
+        raise UserError(f"--max-batch-size must be at least 1, got {max_batch_size}")
+    for p in (port, port + 1):  # REST, and gRPC on the next port
+        free_port(host, p)
+    return RewardScorer(ckpt, device=device, max_length=max_length)

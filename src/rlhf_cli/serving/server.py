@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 from mlserver import MLModel, MLServer
@@ -18,7 +17,6 @@ from mlserver.errors import MLServerError
 from mlserver.settings import ModelParameters, ModelSettings, Settings
 from mlserver.types import InferenceRequest, InferenceResponse, ResponseOutput
 
-from ..errors import UserError
 from . import BadRequest, RewardScorer
 
 _LOADED: dict[str, RewardScorer] = {}  # scorers `serve` loaded before the server started, by checkpoint path
@@ -45,26 +43,13 @@ class RewardRuntime(MLModel):
             name=self.output, shape=[len(scores)], datatype="FP32", data=scores.tolist())])
 
 
-def _free(host: str, port: int) -> None:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a just-stopped server's port is free
-        try:
-            s.bind((host, port))
-        except OSError:
-            raise UserError(f"port {port} is already in use on {host}; pick another with --port") from None
-
-
-def serve(ckpt: str, port: int = 8080, grpc_port: int | None = None, model_name: str = "reward",
+def serve(scorer: RewardScorer, ckpt: str, port: int = 8080, grpc_port: int | None = None, model_name: str = "reward",
           max_batch_size: int = 64, max_batch_time: float = 0.005, host: str = "0.0.0.0", output: str = "rewards",
-          device: str | None = None, max_length: int = 512, on_ready=None) -> None:
-    """Serve `ckpt` until stopped (SIGINT / SIGTERM). The checkpoint is loaded, and the ports checked, before
-    the server starts: a bad one is one sentence, not a server that never becomes ready."""
+          on_ready=None) -> None:
+    """Serve `scorer` (serving.prepare: the checkpoint loaded and the ports checked before MLServer is even
+    imported) until stopped (SIGINT / SIGTERM)."""
     grpc_port = grpc_port if grpc_port is not None else port + 1
-    if max_batch_size < 1:
-        raise UserError(f"--max-batch-size must be at least 1, got {max_batch_size}")
-    for p in (port, grpc_port):
-        _free(host, p)
-    _LOADED[ckpt] = RewardScorer(ckpt, device=device, max_length=max_length)
+    _LOADED[ckpt] = scorer
     settings = Settings(http_port=port, grpc_port=grpc_port, host=host, metrics_endpoint=None, parallel_workers=0,
                         debug=False, load_models_at_startup=False)
     model = ModelSettings(name=model_name, implementation=RewardRuntime, max_batch_size=max_batch_size,
