@@ -115,7 +115,8 @@ def test_win_rates_against_the_references_and_head_to_head_and_a_self_contained_
     assert mine["win_rate"] == pytest.approx(by_hand) and mine["win_rate_judge"] == "gold"
     assert mine["win_rate_lo"] <= mine["win_rate"] <= mine["win_rate_hi"]
     assert refs["gold"] == pytest.approx(sum(ref_gold) / 12)
-    assert len(mine["win_rate_buckets"]) == 4
+    words = [len(s[name]["completion"].split()) - len(s["reference"].split()) for s in samples]
+    assert mine["length_difference"] == pytest.approx(sum(words) / 12) and 0 <= mine["win_rate_lc"] <= 1
     page = (out / "report.html").read_text()
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs and page.count('src="data:image/png;base64,') == len(pngs)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rlhf_cli.metrics import bootstrap_interval, length_buckets, length_controlled_win_rate, win_rate
+from rlhf_cli.metrics import bootstrap_interval, length_controlled_win_rate, win_rate
 
 
 def test_win_rate_counts_ties_half():
@@ -24,14 +24,25 @@ def test_bootstrap_interval_by_hand():
     assert lo < 0.7 < hi and hi - lo == pytest.approx(2 * 0.0898, abs=0.03)
 
 
-def test_length_buckets_and_the_length_controlled_win_rate():
-    assert length_buckets([5, 1, 3, 2, 4, 6, 8, 7], 4) == [[1, 3], [2, 4], [0, 5], [7, 6]]
-    assert length_buckets([1, 2, 3], 4) == [[0], [1], [2]]  # fewer samples than buckets: no empty bucket
-    # the policy wins only where it writes long: plain win rate 0.5, but per bucket 0, 0, 1, 1 -> mean 0.5;
-    # and a policy that wins only its longest quarter: plain 0.25, buckets 0, 0, 0, 1
-    a, b = [0, 0, 0, 0, 0, 0, 1, 1], [1] * 6 + [0, 0]
-    lengths = [1, 2, 3, 4, 5, 6, 7, 8]
-    assert win_rate(a, b) == 0.25
-    assert length_controlled_win_rate(a, b, lengths) == (0.25, [0.0, 0.0, 0.0, 1.0])
-    a2 = [0, 1, 0, 1, 0, 1, 0, 1]  # wins half of every bucket
-    assert length_controlled_win_rate(a2, [0.5] * 8, lengths) == (0.5, [0.5, 0.5, 0.5, 0.5])
+def test_the_length_controlled_win_rate_is_the_win_rate_at_equal_length():
+    """Two length groups make the logistic fit exact: sigmoid(theta + phi) and sigmoid(theta - phi) are the two
+    groups' win rates, so theta = (logit(p+) + logit(p-)) / 2 and the answer is sigmoid(theta)."""
+    import math
+
+    def logit(p):
+        return math.log(p / (1 - p))
+
+    # 20 pairs one word longer than the reference, 16 of them won; 5 one word shorter, 1 won. Plain: 17 / 25.
+    a = [1.0] * 16 + [0.0] * 4 + [1.0] + [0.0] * 4
+    b = [0.5] * 25
+    mine, ref = [11] * 20 + [9] * 5, [10] * 25
+    assert win_rate(a, b) == 0.68
+    # logit(0.8) + logit(0.2) = 0: at equal length it wins half, all its lead came with length
+    assert length_controlled_win_rate(a, b, mine, ref) == pytest.approx(0.5, abs=1e-3)
+    # ties count half: the longer group 1, .5, .5, 0 -> 0.5; the shorter 1, 1, 1, 0 -> 0.75
+    a2 = [1, 0.5, 0.5, 0, 1, 1, 1, 0]
+    b2 = [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    want = 1 / (1 + math.exp(-(logit(0.5) + logit(0.75)) / 2))  # 0.634
+    assert length_controlled_win_rate(a2, b2, [3] * 4 + [1] * 4, [2] * 8) == pytest.approx(want, abs=1e-3)
+    # no length difference at all: nothing to control for, the plain win rate
+    assert length_controlled_win_rate(a, b, ref, ref) == 0.68

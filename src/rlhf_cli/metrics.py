@@ -64,19 +64,33 @@ def bootstrap_interval(a: list[float], b: list[float], stat=win_rate, n: int = 2
     return draws[int(lo * (n - 1))], draws[int(math.ceil(hi * (n - 1)))]
 
 
-def length_buckets(lengths: list[int], buckets: int = 4) -> list[list[int]]:
-    """Indices split into `buckets` groups of (nearly) equal size by length, shortest first."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    edges = [round(j * len(order) / buckets) for j in range(buckets + 1)]
-    return [order[lo:hi] for lo, hi in zip(edges, edges[1:]) if hi > lo]
-
-
-def length_controlled_win_rate(a: list[float], b: list[float], lengths: list[int], buckets: int = 4
-                               ) -> tuple[float, list[float]]:
-    """The win rate within each length bucket of a's completions, and their unweighted mean: a policy that
-    wins only by writing more wins only in its longest bucket, and the mean shows it."""
-    rates = [win_rate([a[i] for i in g], [b[i] for i in g]) for g in length_buckets(lengths, buckets)]
-    return sum(rates) / len(rates), rates
+def length_controlled_win_rate(a: list[float], b: list[float], a_lengths: list[int], b_lengths: list[int],
+                               ridge: float = 1e-3) -> float:
+    """The win rate a would have at equal length (AlpacaEval's length control, Dubois et al. 2024): a logistic
+    regression of each pair's outcome (1 win, 0.5 tie, 0 loss) on the length difference d = len(a) - len(b),
+    scaled by its root mean square but not centred, p = sigmoid(theta + phi * d); the answer is sigmoid(theta),
+    the prediction at d = 0. A policy that wins by writing more gets its wins credited to phi, not theta.
+    Fitted by Newton's method with a small ridge; without any length difference it is the plain win rate."""
+    y = [1.0 if x > z else 0.5 if x == z else 0.0 for x, z in zip(a, b)]
+    d = [float(p - q) for p, q in zip(a_lengths, b_lengths)]
+    scale = math.sqrt(sum(v * v for v in d) / len(d))
+    if scale == 0:
+        return sum(y) / len(y)
+    x = [v / scale for v in d]
+    theta = phi = 0.0
+    for _ in range(100):
+        p = [1 / (1 + math.exp(-(theta + phi * xi))) for xi in x]
+        g0 = sum(pi - yi for pi, yi in zip(p, y)) + ridge * theta  # gradient of the penalised log-loss
+        g1 = sum((pi - yi) * xi for pi, yi, xi in zip(p, y, x)) + ridge * phi
+        w = [pi * (1 - pi) for pi in p]
+        h00, h01 = sum(w) + ridge, sum(wi * xi for wi, xi in zip(w, x))
+        h11 = sum(wi * xi * xi for wi, xi in zip(w, x)) + ridge
+        det = h00 * h11 - h01 * h01
+        step0, step1 = (h11 * g0 - h01 * g1) / det, (h00 * g1 - h01 * g0) / det
+        theta, phi = theta - step0, phi - step1
+        if abs(step0) + abs(step1) < 1e-10:
+            break
+    return 1 / (1 + math.exp(-theta))
 
 
 def gold_scores(prompts: list[str], completions: list[str]) -> list[float] | None:

@@ -123,7 +123,8 @@ def _row(name, model, tok, queries, outs, prompts, refs, reward, ref_scores, use
 def add_win_rates(rows: list[dict], samples: list[dict], prompts, refs, against: str | None) -> list[dict]:
     """Win rate (ties half) of every checkpoint's completions against the references' (or against the
     checkpoint `against`), with a paired bootstrap 95% interval and the length-controlled view; judged by the
-    gold scorer where the data has one, else by the reward. With references, their own row is added."""
+    gold scorer where the data has one, else by the reward; and the length-controlled win rate (at equal length,
+    by a logistic fit on the length difference in words). With references, their own row is added."""
     judge = "gold" if all("gold" in s.get(rows[0]["checkpoint"], {}) for s in samples) else \
         "reward" if all("reward" in s.get(rows[0]["checkpoint"], {}) for s in samples) else None
     if judge is None:
@@ -133,6 +134,7 @@ def add_win_rates(rows: list[dict], samples: list[dict], prompts, refs, against:
             raise UserError("--win-rate compares against the data's reference completions and some prompts have "
                             "none; pass --against CKPT for a head-to-head")
         base = gold_scores(prompts, refs) if judge == "gold" else [s["reference_reward"] for s in samples]
+        base_words = [len(t.split()) for t in refs]
         ref_row = {"checkpoint": "reference completions", "n": len(refs), "ref_policy": rows[0]["ref_policy"]}
         ref_row[judge], ref_row[f"{judge}_stderr"] = mean_and_stderr(base)
         rows = [*rows, ref_row]
@@ -141,14 +143,16 @@ def add_win_rates(rows: list[dict], samples: list[dict], prompts, refs, against:
         if name is None:
             raise UserError(f"--against {against} is not one of the evaluated checkpoints")
         base = [s[name][judge] for s in samples]
+        base_words = [len(s[name]["completion"].split()) for s in samples]
     for r in rows:
         if r["checkpoint"] == "reference completions" or r["checkpoint"] == against:
             continue
         mine = [s[r["checkpoint"]][judge] for s in samples]
-        lengths = [s[r["checkpoint"]]["length"] for s in samples]
+        words = [len(s[r["checkpoint"]]["completion"].split()) for s in samples]  # the same measure on both sides
         r["win_rate"] = win_rate(mine, base)
         r["win_rate_lo"], r["win_rate_hi"] = bootstrap_interval(mine, base)
-        r["win_rate_lc"], r["win_rate_buckets"] = length_controlled_win_rate(mine, base, lengths)
+        r["win_rate_lc"] = length_controlled_win_rate(mine, base, words, base_words)
+        r["length_difference"] = (sum(words) - sum(base_words)) / len(words)  # words, mean
         r["win_rate_judge"], r["win_rate_against"] = judge, against or "reference completions"
     return rows
 
@@ -322,8 +326,8 @@ def plots(rows: list[dict], samples: list[dict], out: Path) -> list[str]:
     return written
 
 
-NOTE = ("mean ± standard error; win rates: ties count half, [95% paired bootstrap interval], LC = the mean of the "
-        "win rates within four buckets of completion length")
+NOTE = ("mean ± standard error; win rates: ties count half, [95% paired bootstrap interval], LC = length-controlled: "
+        "the win rate at equal length, from a logistic fit of the outcome on the length difference in words")
 
 
 def training_curve(ckpt: str) -> list[dict]:
