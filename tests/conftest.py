@@ -76,6 +76,27 @@ def sft_ckpt(tmp_path_factory):
     return out
 
 
+def sigterm_once_training(cmd, out, env=None) -> str:
+    """Start `cmd` (a training run into `out`), SIGTERM the launcher once it logs, and check what it leaves:
+    exit 130, no traceback, one 'stopping:' line and one whole checkpoint. Returns its stderr."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (Path(f"{out}.partial") / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and stderr.count("stopping:") == 1, stderr[-2000:]
+    [saved] = (Path(f"{out}.partial") / "checkpoints").iterdir()
+    assert (saved / "trainer_state" / "state.json").is_file()
+    return stderr
+
+
 def tiny_reward_ckpt(out, sft_ckpt, seed: int = 0):
     """A random-init tiny reward checkpoint at `out` with the micro SFT model's tokenizer."""
     from rlhf_cli.config import TinyModelConfig

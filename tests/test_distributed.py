@@ -241,24 +241,12 @@ def test_a_signal_to_the_launcher_stops_every_worker_with_a_checkpoint(tmp_path)
     """SIGTERM to `rlhf` alone (a scheduler's kill, not the terminal's Ctrl-C to the whole group): it reaches
     every worker through the launcher; each finishes its step, one checkpoint is written, exit 130, and no
     worker is left running (the launcher was killed outright before, leaving them orphaned)."""
-    import signal
-    import time
-    from pathlib import Path
+    from conftest import sigterm_once_training
 
     out = tmp_path / "sft"
-    proc = subprocess.Popen([*rlhf_cmd(), "sft", "--config", str(ROOT / "stage_configs" / "tldr_sft.yaml"), *TINY_MODEL,
-                             *SMALL[:4], "--set", "train.max_steps=100000", "--set", "checkpoint.interval=0",
-                             "--set", "eval.at_start=false", "--set", "train.batch_size=4",
-                             "--set", "distributed.num_processes=2", "--output-dir", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (Path(f"{out}.partial") / "metrics.jsonl").exists():
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-2000:]
-    assert "Traceback" not in stderr and stderr.count("stopping:") == 1, stderr[-2000:]
-    [saved] = (Path(f"{out}.partial") / "checkpoints").iterdir()
-    assert (saved / "trainer_state" / "state.json").is_file()
+    sigterm_once_training([*rlhf_cmd(), "sft", "--config", str(ROOT / "stage_configs" / "tldr_sft.yaml"), *TINY_MODEL,
+                           *SMALL[:4], "--set", "train.max_steps=100000", "--set", "checkpoint.interval=0",
+                           "--set", "eval.at_start=false", "--set", "train.batch_size=4",
+                           "--set", "distributed.num_processes=2", "--output-dir", str(out)], out)
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert left == [], left

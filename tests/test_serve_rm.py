@@ -160,7 +160,6 @@ def test_ppo_outlives_a_killed_reward_server_with_resume(sft_ckpt, rm_ckpt, tmp_
     assert run.returncode == 2, stderr
     lines = [x for x in stderr.splitlines() if x.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    print(lines[0])
     assert f"reward server {url} failed after 4 attempts" in lines[0] and "continue with --resume" in lines[0], lines[0]
     assert not (out / "rlhf_stage.json").exists() and latest_checkpoint(out) is not None  # in progress, resumable
     proc = start_server(rm_ckpt, port)
