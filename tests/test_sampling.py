@@ -82,3 +82,41 @@ def test_sampling_stops_when_every_row_has_ended():
     s = sampling.sample(core.policy, _Tok(), [[5, 6], [7, 8, 9]], gen, value_head=core.value_head)
     assert all(r[-1] == 1 for r in s.responses)
     assert len(calls) <= max(len(r) for r in s.responses) < 50  # no forward after the last EOS
+
+
+def test_steered_logprobs_are_those_of_the_distribution_ilql_samples_from():
+    """The KL of an ILQL checkpoint is that of what it samples: per response token, log-softmax of
+    (log pi + beta * (min Q_target - V)) / temperature over the top-k tokens, recomputed here by hand with
+    one full forward pass per prefix (no cache, no batching)."""
+    from rlhf_cli.heads import ILQLHeads
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=2, n_head=4, pad_token_id=0)
+    policy = GPT2LMHeadModel(cfg).eval()
+    heads = ILQLHeads(32, 40).eval()
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.5)  # Q and V far from 0, so the steering moves the distribution
+    beta, temperature, top_k = 2.0, 0.7, 6
+    steering = sampling.ilql_processors(heads, beta, temperature, top_k)
+    queries = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    gen = GenerationConfig(max_new_tokens=5, do_sample=True, temperature=temperature, top_k=top_k, top_p=1.0)
+    responses = sampling.sample(policy, _Tok(), queries, gen, processors=steering).responses
+    responses[1] = responses[1][:2]  # a prefix of a sample is a sample too; its row is padded in the batch
+    got = sampling.steered_sequence_logprobs(policy, steering, 0, queries, responses, 3, "cpu")
+    want = []
+    with torch.no_grad():
+        for q, r in zip(queries, responses):
+            total = 0.0
+            for t, token in enumerate(r):
+                out = policy(torch.tensor([q + r[:t]]), output_hidden_states=True)
+                h, logits = out.hidden_states[-1][0, -1], out.logits[0, -1]
+                qs = torch.stack([head(h) for head in heads.target_qs]).min(0).values
+                s = (torch.log_softmax(logits, -1) + beta * (qs - heads.v(h).squeeze(-1))) / temperature
+                s[s < s.topk(top_k).values[-1]] = -float("inf")
+                total += torch.log_softmax(s, -1)[token].item()
+            want.append(total)
+    assert got == pytest.approx(want, abs=1e-4)
+    # beta 0, temperature 1, no top-k: the LM's own log-probs
+    plain = sampling.steered_sequence_logprobs(policy, sampling.ilql_processors(heads, 0.0, 1.0, 0), 0, queries,
+                                               responses, 3, "cpu")
+    assert plain == pytest.approx(sampling.sequence_logprobs(policy, 0, queries, responses, 3, "cpu"), abs=1e-5)

@@ -27,9 +27,10 @@ if not torch.cuda.is_available():  # else DeepSpeed, when installed, warns on im
 
 from . import checkpoint as ck
 from . import rewards
-from .config import StageConfig, load_config
+from .config import StageConfig, load_config, resolve  # noqa: F401  (resolve: part of the API)
 from .data.sources import in_memory
 from .errors import UserError
+from .preflight import fill_defaults  # noqa: F401  (part of the API)
 from .stages import get
 from .trainers.loop import fit
 from .trainers.rundir import material_changes
@@ -41,34 +42,6 @@ class TrainResult:
     metrics: dict  # held-out metrics of the trained model
     initial_metrics: dict = field(default_factory=dict)  # the same, of the model it started from
     steps: int = 0
-
-
-def resolve(stage: str, config: str | Path | None = None, overrides: list[str] | dict | None = None,
-            preset: str | None = None, seed: int | None = None,
-            output_dir: str | Path | None = None) -> tuple[StageConfig, Path]:
-    """The stage's validated config (file < preset < overrides < seed / output_dir) and its output directory."""
-    get(stage)
-    cfg = load_config(config, stage, overrides or [], preset)
-    if seed is not None:
-        cfg.seed = seed
-    # runs/<stage> by default; the reward model's is runs/rm, the name every later command expects
-    default = Path("runs") / {"train-rm": "rm"}.get(stage, stage)
-    dest = Path(output_dir) if output_dir else (Path(cfg.output_dir) if cfg.output_dir else default)
-    cfg.output_dir = str(dest)
-    return cfg, dest
-
-
-def fill_defaults(cfg: StageConfig) -> list[str]:
-    """Defaults taken from the checkpoints a run is given, each said in a note: PPO or GRPO without a policy
-    starts from the reward model's own parent (the SFT checkpoint it was trained from)."""
-    notes = []
-    ckpt = getattr(getattr(cfg, "reward", None), "ckpt", None)
-    if cfg.stage in ("ppo", "grpo") and cfg.policy is None and cfg.model.name_or_path == "tiny" and ckpt:
-        parent = ((ck.read_manifest(Path(ckpt).expanduser()) or {}).get("parent") or {}).get("path")
-        if parent and Path(parent).is_dir():
-            cfg.policy = parent
-            notes.append(f"no --policy: {parent}, the parent of the reward model {ckpt}")
-    return notes
 
 
 def plan(cfg: StageConfig, out: Path) -> dict:

@@ -114,7 +114,7 @@ def _fail(message: str, code: int = 2):
 def _interrupted(e: KeyboardInterrupt, out: Path | None) -> str:
     """What a Ctrl-C left behind, in words: a training run's checkpoint, or nothing (eval, score)."""
     from .checkpoint import latest_checkpoint
-    from .trainers.rundir import Interrupted
+    from .errors import Interrupted
 
     if isinstance(e, Interrupted):
         return f"[yellow]stopped[/] at step {e.step}; checkpoint saved in {e.path}, continue with --resume"
@@ -159,7 +159,7 @@ def _guard(debug: bool, fn, out: dict | None = None):
 
 def _graceful_signals() -> None:
     """SIGINT / SIGTERM: a training loop saves a checkpoint after its current step, then exits 130."""
-    from .trainers.rundir import STOP
+    from .errors import STOP
 
     try:
         signal.signal(signal.SIGTERM, STOP.signal)
@@ -279,6 +279,14 @@ def _set_fields(cfg, fields: dict) -> None:
             setattr(target, leaf, None if value is CLEAR else value)
 
 
+def _api():
+    """torch and the trainers, imported once the input is known to be good: a refusal takes a fraction of a
+    second, not the seconds these imports take."""
+    from . import api
+
+    return api
+
+
 def _run_stage(stage: str, config, sets, preset, seed, output_dir, resume, overwrite, dry_run, debug,
                model=None, data=None, **fields) -> None:
     """Resolve the stage config, set the stage's own flags (`fields`), then plan or train."""
@@ -286,31 +294,31 @@ def _run_stage(stage: str, config, sets, preset, seed, output_dir, resume, overw
     fields = _shortcuts(stage, model, data, fields)
 
     def go():
-        from . import api, preflight
+        from . import preflight
         from .checkpoint import output_lock
+        from .config import default_recipe, find_config, resolve
 
-        from .config import default_recipe, find_config
-
-        _quiet_libraries()
         recipe = config if config is not None else default_recipe(stage)
         if not Path(recipe).exists() and find_config(recipe).exists():
             err.print(f"{'--config ' + str(config) if config else 'no --config'}: the packaged recipe "
                       f"{find_config(recipe)} (rlhf config show {stage} lists every key)", highlight=False,
                       soft_wrap=True)
-        cfg, dest = api.resolve(stage, recipe, list(sets or []), preset, seed, output_dir)
+        cfg, dest = resolve(stage, recipe, list(sets or []), preset, seed, output_dir)
         _set_fields(cfg, fields)
-        for note in api.fill_defaults(cfg):
+        for note in preflight.fill_defaults(cfg):
             err.print(note, highlight=False, soft_wrap=True)
         preflight.check_paths(cfg)  # seconds, before any model loads or worker starts
         if dry_run:  # the plan, then whether this machine can run it
-            _print_plan(cfg, api.plan(cfg, dest))
+            _quiet_libraries()
+            _print_plan(cfg, _api().plan(cfg, dest))
             return preflight.check_machine(cfg)
-        preflight.check_machine(cfg)
         where["dir"] = dest
-        with output_lock(dest):  # taken before any worker is launched; the workers run under it
+        with output_lock(dest):  # taken before any worker is launched (the workers run under it) or torch loads
+            preflight.check_machine(cfg)
+            _quiet_libraries()
             if _relaunch(cfg.distributed):
                 return
-            _print_results(api.run(cfg, dest, resume=resume, overwrite=overwrite, console=err), stage)
+            _print_results(_api().run(cfg, dest, resume=resume, overwrite=overwrite, console=err), stage)
     _guard(debug, go, where)
 
 

@@ -676,3 +676,19 @@ def load_config(
 
 def to_dict(cfg: BaseModel) -> dict:
     return cfg.model_dump(mode="json")
+
+
+def resolve(stage: str, config: str | Path | None = None, overrides: list[str] | dict | None = None,
+            preset: str | None = None, seed: int | None = None,
+            output_dir: str | Path | None = None) -> tuple[StageConfig, Path]:
+    """The stage's validated config (file < preset < overrides < seed / output_dir) and its output directory."""
+    if stage not in CONFIGS:
+        raise UserError(f"unknown stage '{stage}'; stages: {', '.join(CONFIGS)}")
+    cfg = load_config(config, stage, overrides or [], preset)
+    if seed is not None:
+        cfg.seed = seed
+    # runs/<stage> by default; the reward model's is runs/rm, the name every later command expects
+    default = Path("runs") / {"train-rm": "rm"}.get(stage, stage)
+    dest = Path(output_dir) if output_dir else (Path(cfg.output_dir) if cfg.output_dir else default)
+    cfg.output_dir = str(dest)
+    return cfg, dest

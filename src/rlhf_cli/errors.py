@@ -7,7 +7,10 @@ safetensors reports inside its own error type ("... (os error 28)").
 from __future__ import annotations
 
 import errno
+import os
 import re
+import sys
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -45,3 +48,36 @@ def os_problem(e: BaseException) -> str | None:
 
 def is_corrupt_safetensors(e: BaseException) -> bool:
     return type(e).__name__ == "SafetensorError" and os_errno(e) is None
+
+
+# Stop requests live here, not beside the training loop, so that the CLI installs its signal handlers
+# without importing torch (`rlhf --help` and every one-sentence refusal stay fast).
+class StopFlag:
+    """SIGINT / SIGTERM during training: finish the current step, save a checkpoint, then exit.
+
+    Armed while a training loop runs (`Run` arms it); unarmed, a signal interrupts at once.
+    A second signal always interrupts at once.
+    """
+
+    def __init__(self):
+        self.armed = False
+        self.requested = False
+
+    def signal(self, signum, frame) -> None:
+        if not self.armed or self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if os.environ.get("RANK", "0") == "0":  # every process got the signal; one says so
+            print("stopping: a checkpoint is written after the current step (interrupt again to abort at once)",
+                  file=sys.stderr, flush=True)
+
+
+STOP = StopFlag()
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised after the checkpoint of a requested stop is written."""
+
+    def __init__(self, step: int, path: Path):
+        super().__init__(f"stopped at step {step}")
+        self.step, self.path = step, path

@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
+from . import checkpoint as ck
 from . import ray_launch
 from .errors import UserError
 from .hub import hub_error, hub_reachable
 from .models import expect_kind
+
+if TYPE_CHECKING:
+    from .config import StageConfig
 
 
 def model_sources(cfg) -> list[tuple[str, str, str | None]]:
@@ -98,13 +103,13 @@ def check_gpu_only(model_cfg) -> None:
     error after the model has half loaded."""
     import importlib.util
 
-    import torch
-
     wanted = [k for k in ("load_in_4bit", "load_in_8bit") if getattr(model_cfg, k)]
     if model_cfg.attn_implementation == "flash_attention_2":
         wanted.append("attn_implementation: flash_attention_2")
     if not wanted:
         return
+    import torch  # only when asked: a refused command stays fast
+
     what = "model." + wanted[0]
     if not torch.cuda.is_available():
         raise UserError(f"{what} needs a CUDA GPU and this machine has none; " + (
@@ -140,3 +145,16 @@ def check_machine(cfg) -> None:
     check_hub(cfg)
     if cfg.distributed.launcher == "ray":
         ray_launch.check(cfg.distributed)
+
+
+def fill_defaults(cfg: StageConfig) -> list[str]:
+    """Defaults taken from the checkpoints a run is given, each said in a note: PPO or GRPO without a policy
+    starts from the reward model's own parent (the SFT checkpoint it was trained from)."""
+    notes = []
+    ckpt = getattr(getattr(cfg, "reward", None), "ckpt", None)
+    if cfg.stage in ("ppo", "grpo") and cfg.policy is None and cfg.model.name_or_path == "tiny" and ckpt:
+        parent = ((ck.read_manifest(Path(ckpt).expanduser()) or {}).get("parent") or {}).get("path")
+        if parent and Path(parent).is_dir():
+            cfg.policy = parent
+            notes.append(f"no --policy: {parent}, the parent of the reward model {ckpt}")
+    return notes

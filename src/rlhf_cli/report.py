@@ -28,7 +28,7 @@ from .metrics import (bootstrap_interval, gold_scores, length_controlled_win_rat
                       win_rate)
 from .models import checkpoint_kind, expect_kind, load_pretrained, load_tokenizer, max_positions
 from .rewards import columns_of, make_reward
-from .sampling import generate, ilql_generate, sequence_logprobs
+from .sampling import generate, ilql_generate, ilql_processors, sequence_logprobs, steered_sequence_logprobs
 from .tracking import read_metrics
 
 COLUMNS = [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("reward", "reward"),
@@ -94,8 +94,9 @@ def evaluate_checkpoints(ckpts: list[str], pairs, gen_cfg, *, reward=None, ref: 
             outs = (ilql_generate(model, heads, tok, queries, b, gen_cfg, top_k, batch_size, seed, progress)
                     if b is not None else generate(model, tok, queries, gen_cfg, batch_size, seed, progress))
             name = path + (f" (beta {b:g})" if b is not None else "")
+            steering = ilql_processors(heads, b, gen_cfg.temperature, top_k) if b is not None else None
             row = _row(name, model, tok, queries, outs, prompts, refs, reward, ref_scores, use_rouge, reference,
-                       gen_cfg, batch_size, metrics, samples)
+                       gen_cfg, batch_size, metrics, samples, steering)
             rows.append({**row, "ref_policy": ref_path})
         del model
     if win_rates:
@@ -104,14 +105,15 @@ def evaluate_checkpoints(ckpts: list[str], pairs, gen_cfg, *, reward=None, ref: 
 
 
 def _row(name, model, tok, queries, outs, prompts, refs, reward, ref_scores, use_rouge, reference, gen_cfg,
-         batch_size, metrics, samples) -> dict:
-    """One evaluated model's row (ROUGE, reward, gold, KL, length, --metric values); its samples filled in."""
+         batch_size, metrics, samples, steering=None) -> dict:
+    """One evaluated model's row (ROUGE, reward, gold, KL, length, --metric values); its samples filled in.
+    `steering`: an ILQL checkpoint's sampling processors (its KL is that of the steered sampler)."""
     texts = tok.batch_decode(outs, skip_special_tokens=True)
     row, scores = _scores(name, prompts, refs, texts, reward, ref_scores, use_rouge, tok)
-    # KL(pi || ref) estimated on pi's own samples: mean over samples of sum_t log pi - log ref (an ILQL
-    # checkpoint's: of its LM, without the steering)
+    # KL(pi || ref) estimated on pi's own samples: mean over samples of sum_t log pi - log ref, pi being the
+    # distribution the samples were drawn from (an ILQL checkpoint's: its LM steered by beta, then top-k)
     with_eos = [o + [tok.eos_token_id] if len(o) < gen_cfg.max_new_tokens else o for o in outs]
-    row.update(reference.kl(model, tok, queries, with_eos, batch_size))
+    row.update(reference.kl(model, tok, queries, with_eos, batch_size, steering))
     row["response_length"] = sum(len(o) for o in outs) / len(outs)
     if metrics and all(refs):
         row.update(metric_values(metrics, texts, refs))
@@ -230,13 +232,15 @@ class _Reference:
     def __init__(self, path: str, device):
         self.path, self.device, self.model, self.tokenizer = path, device, None, None
 
-    def kl(self, model, tok, queries, responses, batch_size: int) -> dict:
+    def kl(self, model, tok, queries, responses, batch_size: int, steering=None) -> dict:
         if self.model is None:
             self.tokenizer = load_tokenizer(self.path)
             self.model = load_pretrained(AutoModelForCausalLM, self.path, "model").to(self.device).eval()
         if len(self.tokenizer) != len(tok):
             return {}
-        lp = sequence_logprobs(model, tok.pad_token_id, queries, responses, batch_size, self.device)
+        lp = (sequence_logprobs(model, tok.pad_token_id, queries, responses, batch_size, self.device)
+              if steering is None else
+              steered_sequence_logprobs(model, steering, tok.pad_token_id, queries, responses, batch_size, self.device))
         lr = sequence_logprobs(self.model, tok.pad_token_id, queries, responses, batch_size, self.device)
         kl, se = mean_and_stderr([a - b for a, b in zip(lp, lr)])
         return {"kl": kl, "kl_stderr": se}

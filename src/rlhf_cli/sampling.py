@@ -265,13 +265,18 @@ def _finish(tokenizer, steps: _Steps, stop_sequences, B: int) -> Sampled | None:
     return Sampled(responses, out_lp, out_v)
 
 
+def ilql_processors(heads: ILQLHeads, beta: float, temperature: float, top_k: int) -> LogitsProcessorList:
+    """ILQL's sampling distribution: the steering, then the temperature and top-k (trlx's order)."""
+    return LogitsProcessorList([ILQLSteering(heads, beta), *warpers(temperature, top_k)])
+
+
 def ilql_generate(policy, heads: ILQLHeads, tokenizer, prompt_ids: list[list[int]], beta: float, gen_cfg,
                   top_k: int, batch_size: int, seed: int, progress=None) -> list[list[int]]:
     """Completions (without EOS) sampled with log pi + beta * (min Q_target - V), then top-k and the
     temperature, as trlx's ILQL generate. beta = 0 samples the policy."""
     device = next(policy.parameters()).device
     eos = tokenizer.eos_token_id
-    processors = LogitsProcessorList([ILQLSteering(heads, beta), *warpers(gen_cfg.temperature, top_k)])
+    processors = ilql_processors(heads, beta, gen_cfg.temperature, top_k)
     was = policy.training
     policy.eval()
     out: list[list[int]] = []
@@ -322,4 +327,23 @@ def sequence_logprobs(model, pad_id: int, queries, responses, batch_size: int, d
     for i in range(0, len(queries), batch_size):
         b = collate_responses(queries[i: i + batch_size], responses[i: i + batch_size], pad_id, device)
         out += (token_logprobs(response_logits(model, b), b.responses) * b.mask).sum(1).tolist()
+    return out
+
+
+@torch.no_grad()
+def steered_sequence_logprobs(policy, processors: LogitsProcessorList, pad_id: int, queries, responses,
+                              batch_size: int, device) -> list[float]:
+    """`sequence_logprobs` under the distribution a sampler with `processors` draws from (ILQL's steering, the
+    temperature, top-k: `ilql_generate`'s): each response position's logits and final hidden state go through
+    the same processors, then log-softmax. The KL of what was sampled, not of the LM under it."""
+    out: list[float] = []
+    for i in range(0, len(queries), batch_size):
+        b = collate_responses(queries[i: i + batch_size], responses[i: i + batch_size], pad_id, device)
+        R = b.responses.shape[1]
+        o = policy(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=position_ids(b.attention_mask),
+                   use_cache=False, output_hidden_states=True)
+        logits, hidden = o.logits[:, -R - 1:-1].float(), o.hidden_states[-1][:, -R - 1:-1]
+        scores = processors(None, logits.reshape(-1, logits.shape[-1]), hidden_states=hidden.reshape(-1, hidden.shape[-1]))
+        lp = token_logprobs(scores.view_as(logits), b.responses)  # -inf past a padded row's end (top-k)
+        out += lp.masked_fill(b.mask == 0, 0.0).sum(1).tolist()
     return out

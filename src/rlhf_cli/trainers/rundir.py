@@ -6,51 +6,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from .. import checkpoint as ck
 from .. import lora
 from ..config import to_dict
-from ..errors import UserError
+from ..errors import STOP, Interrupted, UserError
 from ..tracking import MetricsLogger, read_metrics, truncate_metrics
 from .distributed import barrier, broadcast, is_main, load_zero_shard, save_zero_shard, uses_deepspeed
 
 
 def run_name(cfg) -> str:
     return cfg.logging.run_name or f"{cfg.stage}-{cfg.preset}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-class StopFlag:
-    """SIGINT / SIGTERM during training: finish the current step, save a checkpoint, then exit.
-
-    Armed while a training loop runs (`Run` arms it); unarmed, a signal interrupts at once.
-    A second signal always interrupts at once.
-    """
-
-    def __init__(self):
-        self.armed = False
-        self.requested = False
-
-    def signal(self, signum, frame) -> None:
-        if not self.armed or self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        if os.environ.get("RANK", "0") == "0":  # every process got the signal; one says so
-            print("stopping: a checkpoint is written after the current step (interrupt again to abort at once)",
-                  file=sys.stderr, flush=True)
-
-
-STOP = StopFlag()
-
-
-class Interrupted(KeyboardInterrupt):
-    """Raised after the checkpoint of a requested stop is written."""
-
-    def __init__(self, step: int, path: Path):
-        super().__init__(f"stopped at step {step}")
-        self.step, self.path = step, path
 
 
 ZERO_DIR = "zero"
