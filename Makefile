@@ -41,13 +41,17 @@ bench: install
 
 # sft -> train-rm -> ppo -> eval (SFT and PPO side by side). --resume makes a rerun skip a complete
 # stage whose config is unchanged and continue an interrupted one; eval reuses an up-to-date report.
+# tiny: the reward model learns from the SFT policy's own samples (4 per prompt, every two compared by the
+# gold scorer, 10% of labels flipped), as Stiennon et al.'s labellers compared policy samples; the reference
+# pairs alone never show it a hallucinated object, so PPO learned to hallucinate (gold 0.24 -> ~0.45 with these).
+POLICY_COMPARISONS := --set policy_comparisons.samples_per_prompt=4 --set data.synthetic.num_train=3000
 summarize-pipeline: install
 	$(RLHF) sft --config stage_configs/tldr_sft.yaml --preset $(PRESET) --output-dir $(RUNS)/sft --resume
 	$(RLHF) train-rm --config stage_configs/tldr_rm.yaml --preset $(PRESET) --init-from $(RUNS)/sft \
-		--output-dir $(RUNS)/rm --resume
+		--output-dir $(RUNS)/rm --resume $(if $(filter tiny,$(PRESET)),$(POLICY_COMPARISONS))
 	$(RLHF) ppo --config stage_configs/tldr_ppo.yaml --preset $(PRESET) --policy $(RUNS)/sft \
 		--reward-ckpt $(RUNS)/rm --output-dir $(RUNS)/ppo --resume
-	$(RLHF) eval --ckpt $(RUNS)/sft --ckpt $(RUNS)/ppo --rouge --reward --reward-ckpt $(RUNS)/rm \
+	$(RLHF) eval --ckpt $(RUNS)/sft --ckpt $(RUNS)/ppo --rouge --reward --reward-ckpt $(RUNS)/rm --win-rate \
 		--max-new-tokens $(if $(filter tiny,$(PRESET)),32,50) --output-dir $(RUNS)/eval
 
 # Critic-free RL on a verifiable task: sft on a mediocre student's worked answers, then grpo scored by
@@ -75,7 +79,7 @@ hh-pipeline: install
 	$(RLHF) dpo --config stage_configs/hh_dpo.yaml --preset $(PRESET) --policy $(HH)/sft \
 		--output-dir $(HH)/dpo --resume
 	$(RLHF) eval --ckpt $(HH)/sft --ckpt $(HH)/ppo --ckpt $(HH)/ilql --ckpt $(HH)/dpo --beta 4 --rouge \
-		--reward --reward-ckpt $(HH)/rm --max-new-tokens $(if $(filter tiny,$(PRESET)),40,128) \
+		--reward --reward-ckpt $(HH)/rm --win-rate --max-new-tokens $(if $(filter tiny,$(PRESET)),40,128) \
 		--output-dir $(HH)/eval
 
 clean:

@@ -104,3 +104,87 @@ def test_rm_presets_dry_run(config, presets, tmp_path):
             assert r.exit_code == 0 and "optimizer_steps" in r.output, r.output
         else:
             assert_planned_then_refused_here(r)
+
+
+def test_policy_comparisons_pair_every_two_samples_by_gold(monkeypatch):
+    """Four samples of one prompt with gold 1, 0, 1, 1/3: the ties (1 and 1) are dropped, the 5 other pairs
+    put the higher gold first; with label_noise 0.5 some are flipped, and meta still names each side's gold."""
+    from types import SimpleNamespace
+
+    from rlhf_cli.config import load_config
+    from rlhf_cli.data.synthetic import extract_facts, generate, gold_score
+    from rlhf_cli.trainers import train_rm
+
+    prompt = generate("tldr", 1, 3, kind="sft")[0]["prompt"]
+    f = extract_facts(prompt)
+    texts = [f" my {f.who} {f.action} my {f.obj}.", " drama, need advice.", f" my {f.who} {f.action} my {f.obj}.",
+             f" my {f.who} said nothing."]
+    seeds = []
+
+    def fake_generate(policy, tok, ids, gen, batch_size, seed, progress=None):
+        seeds.append(seed)
+        return [[len(seeds) - 1]]  # the j-th pass returns token j, decoded to texts[j]
+
+    monkeypatch.setattr(train_rm, "generate", fake_generate)
+    monkeypatch.setattr(train_rm, "encode_prompt", lambda tok, p, n: ([0], False))
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: texts[ids[0]])
+    cfg = load_config(RM_CONFIG, "train-rm", ["policy_comparisons.samples_per_prompt=4",
+                                              "data.synthetic.label_noise=0"])
+    pairs = train_rm.sampled_comparisons(None, tok, [prompt], cfg, seed=7)
+    assert seeds == [7, 8, 9, 10]
+    got = sorted((p.chosen, p.rejected) for p in pairs)
+    want = sorted([(texts[0], texts[1]), (texts[0], texts[3]), (texts[2], texts[1]), (texts[2], texts[3]),
+                   (texts[3], texts[1])])
+    assert got == want
+    assert all(p.meta["gold_chosen"] > p.meta["gold_rejected"] for p in pairs)
+    seeds.clear()
+    cfg.data.synthetic.label_noise = 0.5
+    noisy = [p for s in range(20) for p in (seeds.clear(), train_rm.sampled_comparisons(None, tok, [prompt], cfg, seed=s))[1]]
+    flipped = [p for p in noisy if p.meta["gold_chosen"] < p.meta["gold_rejected"]]
+    assert 0 < len(flipped) < len(noisy)
+    assert all(gold_score(prompt, p.chosen) == p.meta["gold_chosen"] for p in noisy)
+
+
+def test_reward_model_on_comparisons_of_the_policys_samples(sft_ckpt, tmp_path, monkeypatch):
+    """The whole path, with a stand-in for the micro policy (its samples are alike: every pair would tie):
+    each sampling pass writes one of four summaries of differing gold; the reward model trains on their
+    gold-labelled comparisons and is scored against the noise-free labels."""
+    from rlhf_cli.data.synthetic import extract_facts
+    from rlhf_cli.trainers import train_rm
+
+    def summaries(prompt):
+        f = extract_facts(prompt)
+        return [f" my {f.who} {f.action} my {f.obj}.", " drama, need advice.", f" my {f.who} {f.action} my stuff.",
+                f" my {f.who} {f.action} my {f.obj} and i have been thinking about it for days, no idea what to say."]
+
+    def fake_generate(policy, tok, ids, gen, batch_size, seed, progress=None):
+        return [tok.encode(summaries(tok.decode(q, skip_special_tokens=True))[(seed + i) % 4]) for i, q in enumerate(ids)]
+
+    monkeypatch.setattr(train_rm, "generate", fake_generate)
+    out = tmp_path / "rm"
+    r = run_cli("train-rm", "--config", RM_CONFIG, "--init-from", str(sft_ckpt), "--output-dir", str(out), *RM_MICRO,
+                "--set", "policy_comparisons.samples_per_prompt=3")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "rlhf_stage.json").read_text())
+    assert "eval/gold_accuracy" in manifest["metrics"]
+    # 3 samples, 3 distinct summaries of distinct gold: every prompt gives its 3 pairs
+    assert manifest["data"]["train_pairs"] == 3 * 64 and manifest["data"]["eval_pairs"] == 3 * 16
+    assert "comparisons of 3 samples per prompt" in " ".join(r.output.split())
+
+
+def test_policy_comparisons_of_one_sample_is_one_sentence(sft_ckpt, tmp_path):
+    r = run_cli("train-rm", "--config", RM_CONFIG, "--init-from", str(sft_ckpt), "--output-dir", str(tmp_path / "rm"),
+                *RM_MICRO, "--set", "policy_comparisons.samples_per_prompt=1")
+    assert_one_sentence(r, "at least 2")
+    assert not (tmp_path / "rm").exists()
+
+
+def test_policy_comparisons_need_a_policy_parent_and_synthetic_data(sft_ckpt, tmp_path):
+    tiny = run_cli("train-rm", "--config", RM_CONFIG, "--output-dir", str(tmp_path / "a"), *RM_MICRO,
+                   "--set", "policy_comparisons.samples_per_prompt=2")
+    assert_one_sentence(tiny, "is not a local policy checkpoint")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"}) + "\n")
+    real = run_cli("train-rm", "--config", RM_CONFIG, "--init-from", str(sft_ckpt), "--output-dir", str(tmp_path / "b"),
+                   *RM_MICRO, "--set", "policy_comparisons.samples_per_prompt=2", "--set", f"data.source={pairs}")
+    assert_one_sentence(real, "only synthetic data has")

@@ -254,6 +254,16 @@ class RewardLossConfig(Section):
     center_coef: float = Field(0.0, ge=0, description="Weight of (r_chosen + r_rejected)^2, pulling rewards to 0.")
 
 
+class PolicyComparisonsConfig(Section):
+    samples_per_prompt: int = Field(0, ge=0, description="Synthetic data: train on comparisons of this many "
+                                    "completions per prompt sampled from the parent policy (--init-from), every "
+                                    "pair of them labelled by the gold scorer (data.synthetic.label_noise flipped, "
+                                    "ties dropped), as Stiennon et al. had humans compare their policies' samples; "
+                                    "0: the data's reference pairs. The prompts are the data's.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="How they are sampled.")
+    batch_size: int = Field(128, ge=1, description="Prompts per generation call.")
+
+
 class RMConfig(StageConfig):
     stage: Literal["train-rm"] = "train-rm"
     init_from: str | None = Field(
@@ -265,6 +275,8 @@ class RMConfig(StageConfig):
                                "keys/values (same result; ~40% less compute when prompts are long); false: one "
                                "concatenated pass over chosen and rejected.")
     loss: RewardLossConfig = Field(default_factory=RewardLossConfig, description="Pairwise loss options.")
+    policy_comparisons: PolicyComparisonsConfig = Field(
+        default_factory=PolicyComparisonsConfig, description="Comparisons of the parent policy's own samples.")
 
     @property
     def init_source(self) -> str:

@@ -7,22 +7,29 @@ one forward pass, 3. backward the summed pair losses / pairs in the step, 4. cli
 
 from __future__ import annotations
 
+import itertools
+import os
+import random
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from .. import checkpoint as ck
 from .. import lora
 from .. import shared_prompt
-from ..data import formats
+from ..data import formats, synthetic
 from ..data.sources import PairData, load_pair_data
 from ..data.tokenize import collate_pairs, sequence_parts
 from ..errors import UserError
 from ..heads import PooledReward
 from ..losses.reward import pairwise_loss
 from ..metrics import mean_and_stderr
+from ..data.tokenize import encode_prompt
 from ..models import (build_tiny_reward, checkpoint_kind, count_params, freeze_bottom, frozen_block_count,
-                      load_reward_model, load_tokenizer, max_positions, score_head, sequence_rewards, train_tokenizer)
+                      load_pretrained, load_reward_model, load_tokenizer, max_positions, score_head, sequence_rewards,
+                      train_tokenizer)
+from ..sampling import generate
 from . import common
 from .stage import Micro, Stage, StepLoss
 
@@ -90,6 +97,45 @@ def evaluate(model, tok, feats: list[dict], pairs: list[formats.PairExample], cf
     return metrics
 
 
+def sampled_comparisons(policy, tok, prompts: list[str], cfg, seed: int, progress=None) -> list[formats.PairExample]:
+    """Stiennon et al.'s comparison data on synthetic prompts: `samples_per_prompt` completions of each prompt
+    sampled from `policy`, every two of them compared by the gold scorer (the "human"), a `label_noise` share of
+    the labels flipped, ties dropped. meta keeps both gold scores (eval/gold_accuracy: the noise-free label)."""
+    pc = cfg.policy_comparisons
+    ids = [encode_prompt(tok, p, cfg.data.max_prompt_length)[0] for p in prompts]
+    runs = [generate(policy, tok, ids, pc.generation, pc.batch_size, seed + j, progress)
+            for j in range(pc.samples_per_prompt)]  # one seeded pass per sample: the same data on every process
+    rng, out = random.Random(seed), []
+    for i, prompt in enumerate(prompts):
+        texts = [tok.decode(run[i], skip_special_tokens=True) for run in runs]
+        golds = [synthetic.gold_score(prompt, t) for t in texts]
+        for a, b in itertools.combinations(range(len(texts)), 2):
+            if golds[a] == golds[b]:
+                continue
+            hi, lo = (a, b) if golds[a] > golds[b] else (b, a)
+            if rng.random() < cfg.data.synthetic.label_noise:
+                hi, lo = lo, hi
+            out.append(formats.PairExample(prompt, texts[hi], texts[lo], {"gold_chosen": golds[hi],
+                                                                          "gold_rejected": golds[lo]}))
+    rng.shuffle(out)
+    return out
+
+
+def _policy_comparisons(cfg, data: PairData, tok, console) -> PairData:
+    """`data` with its pairs replaced by comparisons of the parent policy's samples on the same prompts."""
+    policy = load_pretrained(AutoModelForCausalLM, cfg.init_source, "model").eval()
+    with common.progress_bar(console, os.environ.get("RANK", "0") == "0") as progress:
+        train, held = (sampled_comparisons(policy, tok, list(dict.fromkeys(e.prompt for e in split)), cfg, seed,
+                                           progress) for split, seed in ((data.train, cfg.seed), (data.eval, cfg.seed + 10_000)))
+    if not train:
+        raise UserError(f"every sample of {cfg.init_source} ties with the others under the gold scorer: no comparison "
+                        "to learn from (more policy_comparisons.samples_per_prompt or data.synthetic.num_train)")
+    note = (f"comparisons of {cfg.policy_comparisons.samples_per_prompt} samples per prompt from {cfg.init_source}, "
+            f"labelled by the gold scorer")
+    notes = [*data.notes, note] + ([] if held else ["no held-out comparisons: every held-out prompt's samples tied"])
+    return PairData(train, held, data.fmt, data.fingerprint, data.dropped_malformed, 0, notes)
+
+
 def _load(cfg, data: PairData, resume_from: Path | None):
     """(tokenizer, reward model): resumed, from --init-from / model.name_or_path, or tiny."""
     # resuming: its weights (LoRA: the base again, the adapter and score head come in build)
@@ -140,11 +186,28 @@ class RewardModelStage(Stage):
         init = cfg.init_source
         if init != "tiny" and Path(init).expanduser().is_dir() and checkpoint_kind(Path(init).expanduser()) is None:
             raise UserError(f"--init-from {init} is neither a policy nor a reward-model checkpoint")
+        k = cfg.policy_comparisons.samples_per_prompt
+        if k == 1:
+            raise UserError("policy_comparisons.samples_per_prompt is 0 (the data's pairs) or at least 2 (a "
+                            "comparison needs two samples)")
+        if k and not (Path(init).expanduser().is_dir() and checkpoint_kind(Path(init).expanduser()) == "policy"):
+            raise UserError(f"policy_comparisons samples the parent policy, but --init-from {init} is not a local "
+                            "policy checkpoint (e.g. runs/sft)")
+        if k and not cfg.data.source.startswith("synthetic:"):
+            raise UserError(f"policy_comparisons labels the samples with the gold scorer, which only synthetic data "
+                            f"has (data.source is {cfg.data.source}); for real data, have your policy's samples "
+                            "compared and pass them as pairs")
 
     def prepare_data(self) -> None:
         cfg = self.cfg
         self.data = load_pair_data(cfg, "train-rm", common.chat_renderer(cfg, cfg.init_source))
         self.tokenizer, self._model = _load(cfg, self.data, self.resume_from)
+        if cfg.policy_comparisons.samples_per_prompt:
+            if self.resume_from is not None and self.resume_from == self.out:  # complete: nothing left to train
+                self.feats = self.feats_eval = []
+                self.total_steps = (ck.read_progress(self.out) or {}).get("step", 0)
+                return
+            self.data = _policy_comparisons(cfg, self.data, self.tokenizer, self.console)
         limit = max_positions(self._model)
         if limit and cfg.data.max_length > limit:
             raise UserError(f"data.max_length ({cfg.data.max_length}) exceeds the model's {limit} positions")
