@@ -174,6 +174,10 @@ def plan(cfg, out: Path) -> dict:
         "optimizer_steps": steps, "pairs_per_step": per_step,
         "estimated_tokens": int(steps * per_step * mean_len),
     })
+    k = cfg.policy_comparisons.samples_per_prompt
+    if k:  # sampled when the run starts: the counts above are the reference pairs'
+        info["data"] += (f"; replaced at run time by comparisons of {k} samples per prompt from {name}: up to "
+                         f"{k * (k - 1) // 2 * len(data.train)} pairs, ties dropped")
     return info
 
 
