@@ -62,9 +62,11 @@ def _loads(out: Path) -> bool:
     return subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True).returncode == 0
 
 
-# "old" (an --overwrite run killed after moving the previous checkpoint aside) runs in `make test-slow`,
+# "old" (an --overwrite run killed after moving the previous checkpoint aside) and "cleanup" (killed while the
+# .partial was being deleted, after the same rename the "rename" case kills at) run in `make test-slow`,
 # keeping the fast suite within its 10 minutes
-@pytest.mark.parametrize("point", ["manifest", pytest.param("old", marks=pytest.mark.slow), "rename", "cleanup"])
+@pytest.mark.parametrize("point", ["manifest", pytest.param("old", marks=pytest.mark.slow), "rename",
+                                   pytest.param("cleanup", marks=pytest.mark.slow)])
 def test_a_kill_at_each_step_of_the_final_save_loses_nothing(point, tmp_path):
     """manifest: the new checkpoint is half-written in its temp dir; old: an existing checkpoint was moved
     aside, the new one not yet in; rename: the new one is in place, the .partial not yet gone; cleanup:

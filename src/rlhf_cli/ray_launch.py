@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager, nullcontext
 
 from .checkpoint import LOCK_HELD
-from .errors import UserError
+from .errors import STOP, UserError
 
 INSTALL = "distributed.launcher: ray needs Ray Train: pip install 'rlhf-cli[ray]'"
 # what the training processes read from the launching shell (a remote node's own environment lacks it)
@@ -309,22 +309,27 @@ def _supervise(ray, trainer, hub) -> tuple[dict, BaseException | None]:
     threading.Thread(target=fit, daemon=True).start()
     codes: dict = {}
     stopping = False
-    while True:
-        finished = done.is_set()  # read before the last poll: the workers have reported by then
-        try:
-            lines, codes = ray.get(hub.poll.remote())
-            _print(lines)
-            if finished:
-                break
-            time.sleep(0.2)
-        except KeyboardInterrupt:
-            if stopping:
-                raise
-            stopping = True
-            hub.request_stop.remote()
-        except ray.exceptions.RayError as e:  # the hub went with the cluster (a head node lost)
-            done.wait()
-            return codes, (failed[0] if failed else e)
+    # The first signal only sets STOP.requested, read here between calls: an exception raised inside ray.get
+    # could be turned by Ray into an error of its own, the stop never asked and the workers waited for forever.
+    # A second signal raises at once (StopFlag).
+    STOP.armed, STOP.requested = True, False
+    try:
+        while True:
+            finished = done.is_set()  # read before the last poll: the workers have reported by then
+            try:
+                if STOP.requested and not stopping:
+                    stopping = True
+                    hub.request_stop.remote()
+                lines, codes = ray.get(hub.poll.remote())
+                _print(lines)
+                if finished:
+                    break
+                time.sleep(0.2)
+            except ray.exceptions.RayError as e:  # the hub went with the cluster (a head node lost)
+                done.wait()
+                return codes, (failed[0] if failed else e)
+    finally:
+        STOP.armed = False
     return codes, (failed[0] if failed else None)
 
 
