@@ -62,12 +62,13 @@ class StopFlag:
     def __init__(self):
         self.armed = False
         self.requested = False
+        self.announce = True  # False in a launcher: its rank-0 worker says it
 
     def signal(self, signum, frame) -> None:
         if not self.armed or self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        if os.environ.get("RANK", "0") == "0":  # every process got the signal; one says so
+        if self.announce and os.environ.get("RANK", "0") == "0":  # every process got the signal; one says so
             print("stopping: a checkpoint is written after the current step (interrupt again to abort at once)",
                   file=sys.stderr, flush=True)
 

@@ -36,6 +36,7 @@ FORWARD_NAMES = ("PYTHONPATH", "OMP_NUM_THREADS", "COLUMNS", LOCK_HELD)
 PORT_KEY = "rlhf_cli/master_port"
 PARENT = "RLHF_CLI_RAY_PARENT"
 PROBE_S = 3.0  # a cluster address that does not answer fails in seconds, not after ray.init's minute of retries
+TEARDOWN_S = 20.0  # once every process has exited, Ray Train gets this long to return before the launcher does
 GRACE_S = 15.0  # a failed process waits this long for rank 0 to say why before Ray stops the others
 # The training process dies with its Ray worker (SIGKILL when the worker thread that started it ends:
 # Ray killed the worker, or the run was torn down), so no process is left training on its own; and it
@@ -293,7 +294,7 @@ def _print(lines) -> None:
     sys.stderr.flush()
 
 
-def _supervise(ray, trainer, hub) -> tuple[dict, BaseException | None]:
+def _supervise(ray, trainer, hub, n: int) -> tuple[dict, BaseException | None]:
     """fit() in a thread while this one prints rank 0's output; returns the processes' exit codes and fit's
     error. The first Ctrl-C (or SIGTERM) asks every process to checkpoint and stop; a second aborts at once."""
     failed: list = []
@@ -308,11 +309,11 @@ def _supervise(ray, trainer, hub) -> tuple[dict, BaseException | None]:
             done.set()
     threading.Thread(target=fit, daemon=True).start()
     codes: dict = {}
-    stopping = False
+    stopping, ended = False, None
     # The first signal only sets STOP.requested, read here between calls: an exception raised inside ray.get
     # could be turned by Ray into an error of its own, the stop never asked and the workers waited for forever.
     # A second signal raises at once (StopFlag).
-    STOP.armed, STOP.requested = True, False
+    STOP.armed, STOP.requested, STOP.announce = True, False, False
     try:
         while True:
             finished = done.is_set()  # read before the last poll: the workers have reported by then
@@ -322,14 +323,16 @@ def _supervise(ray, trainer, hub) -> tuple[dict, BaseException | None]:
                     hub.request_stop.remote()
                 lines, codes = ray.get(hub.poll.remote())
                 _print(lines)
-                if finished:
+                if ended is None and len(codes) == n and None not in codes.values():
+                    ended = time.monotonic()  # every process has exited: what is left is Ray Train's teardown
+                if finished or (ended is not None and time.monotonic() - ended > TEARDOWN_S):
                     break
                 time.sleep(0.2)
             except ray.exceptions.RayError as e:  # the hub went with the cluster (a head node lost)
                 done.wait()
                 return codes, (failed[0] if failed else e)
     finally:
-        STOP.armed = False
+        STOP.armed, STOP.announce = False, True
     return codes, (failed[0] if failed else None)
 
 
@@ -396,7 +399,7 @@ def launch(d, argv: list[str], note, say) -> int:
                                  failure_config=FailureConfig(max_failures=0, max_preemption_failures=0)))
         note(f"launching {d.num_processes} processes: Ray Train workers on {where}"
              f"{' (one GPU each)' if use_gpu else ''}")
-        return _exit_code(*_supervise(ray, trainer, hub), d.num_processes, say)
+        return _exit_code(*_supervise(ray, trainer, hub, d.num_processes), d.num_processes, say)
     finally:
         if ray.is_initialized():
             ray.shutdown()
