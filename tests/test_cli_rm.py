@@ -137,9 +137,11 @@ def test_policy_comparisons_pair_every_two_samples_by_gold(monkeypatch):
                    (texts[3], texts[1])])
     assert got == want
     assert all(p.meta["gold_chosen"] > p.meta["gold_rejected"] for p in pairs)
-    seeds.clear()
     cfg.data.synthetic.label_noise = 0.5
-    noisy = [p for s in range(20) for p in (seeds.clear(), train_rm.sampled_comparisons(None, tok, [prompt], cfg, seed=s))[1]]
+    noisy = []
+    for seed in range(20):
+        seeds.clear()  # fake_generate's pass counter
+        noisy += train_rm.sampled_comparisons(None, tok, [prompt], cfg, seed=seed)
     flipped = [p for p in noisy if p.meta["gold_chosen"] < p.meta["gold_rejected"]]
     assert 0 < len(flipped) < len(noisy)
     assert all(gold_score(prompt, p.chosen) == p.meta["gold_chosen"] for p in noisy)

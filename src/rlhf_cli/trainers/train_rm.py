@@ -20,12 +20,11 @@ from .. import lora
 from .. import shared_prompt
 from ..data import formats, synthetic
 from ..data.sources import PairData, load_pair_data
-from ..data.tokenize import collate_pairs, sequence_parts
+from ..data.tokenize import collate_pairs, encode_prompt, sequence_parts
 from ..errors import UserError
 from ..heads import PooledReward
 from ..losses.reward import pairwise_loss
 from ..metrics import mean_and_stderr
-from ..data.tokenize import encode_prompt
 from ..models import (build_tiny_reward, checkpoint_kind, count_params, freeze_bottom, frozen_block_count,
                       load_pretrained, load_reward_model, load_tokenizer, max_positions, score_head, sequence_rewards,
                       train_tokenizer)
@@ -197,7 +196,7 @@ class RewardModelStage(Stage):
         if k and not (Path(init).expanduser().is_dir() and checkpoint_kind(Path(init).expanduser()) == "policy"):
             raise UserError(f"policy_comparisons samples the parent policy, but --init-from {init} is not a local "
                             "policy checkpoint (e.g. runs/sft)")
-        if k and not cfg.data.source.startswith("synthetic:"):
+        if k and cfg.data.source.removeprefix("synthetic:") not in synthetic.TASKS:
             raise UserError(f"policy_comparisons labels the samples with the gold scorer, which only synthetic data "
                             f"has (data.source is {cfg.data.source}); for real data, have your policy's samples "
                             "compared and pass them as pairs")
