@@ -19,7 +19,7 @@ from torch.func import functional_call
 
 from .checkpoint import load_tensors
 from .errors import UserError, is_corrupt_safetensors
-from .models import position_ids, sequence_rewards
+from .models import forward_with_hidden, position_ids, sequence_rewards
 from .shared_prompt import completion_logits, completion_rewards
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -65,9 +65,9 @@ class PolicyWithValueHead(nn.Module):
         return self.policy.config
 
     def forward(self, input_ids, attention_mask, num_logits: int):
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                          output_hidden_states=True, use_cache=False, logits_to_keep=num_logits)
-        hidden = out.hidden_states[-1][:, -num_logits:]
+        out, hidden = forward_with_hidden(self.policy, input_ids=input_ids, attention_mask=attention_mask,
+                                          position_ids=position_ids(attention_mask), use_cache=False,
+                                          logits_to_keep=num_logits)
         return out.logits, self.value_head(hidden).squeeze(-1).float()
 
     def save_pretrained(self, dest, state_dict=None, safe_serialization=True, **kw):
@@ -220,8 +220,8 @@ class PolicyWithILQLHeads(nn.Module):
         return self.policy.config
 
     def forward(self, input_ids, attention_mask):
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
-        qs, target_qs, v = self.heads(out.hidden_states[-1])
+        out, hidden = forward_with_hidden(self.policy, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        qs, target_qs, v = self.heads(hidden)
         return out.logits, qs, target_qs, v
 
     def save_pretrained(self, dest, state_dict=None, safe_serialization=True, **kw):

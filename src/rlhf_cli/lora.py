@@ -132,7 +132,8 @@ def plain_state_dict(model, state_dict: dict) -> dict:
                 layer = layers[prefix]
                 a, b = state_dict[f"{prefix}.lora_A.default.weight"], state_dict[f"{prefix}.lora_B.default.weight"]
                 delta = (b.float() @ a.float()) * layer.scaling["default"]
-                value = (value.float() + (delta.T if layer.fan_in_fan_out else delta)).to(value.dtype)
+                # each merged weight leaves the device as it is made: a save holds no second copy of the base there
+                value = (value.float() + (delta.T if layer.fan_in_fan_out else delta)).to("cpu", value.dtype)
             key = f"{prefix}.{leaf}"
         out[key] = value
     return out

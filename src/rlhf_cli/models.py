@@ -447,6 +447,20 @@ def position_ids(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def forward_with_hidden(model, **inputs):
+    """`model(**inputs)` and its final hidden state: the LM head's input (after the final norm, at the positions
+    `logits_to_keep` keeps), read by a hook. `output_hidden_states=True` would keep every layer's output alive
+    (n_layers + 1 tensors of B x T x H; gigabytes in a large model's no-grad prefill) where the value head and
+    ILQL's heads read only the last."""
+    seen = []
+    hook = unwrap(model).get_output_embeddings().register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        out = model(**inputs)
+    finally:
+        hook.remove()
+    return out, seen[-1]
+
+
 def new_cache(model):
     """An empty transformers `DynamicCache` for `model`'s next cached forward passes."""
     from transformers import DynamicCache

@@ -26,7 +26,7 @@ from .data.tokenize import pad_left, pad_right
 from .heads import ILQLHeads
 from .losses.ilql import steered_logits
 from .losses.ppo import token_logprobs
-from .models import new_cache, position_ids, with_cache
+from .models import forward_with_hidden, new_cache, position_ids, with_cache
 
 
 def cut_at_stop(tokenizer, ids: list[int], stop_sequences: list[str]) -> tuple[list[int], bool]:
@@ -201,20 +201,20 @@ def sample(policy, tokenizer, prompt_ids: list[list[int]], gen_cfg, stop_sequenc
     ids = pad_left(prompt_ids, pad).to(device)
     mask = pad_left([[1] * len(p) for p in prompt_ids], 0).to(device)
     cache = new_cache(policy)
-    out = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
-                 output_hidden_states=hidden, logits_to_keep=1, **with_cache(policy, cache))
+    forward = forward_with_hidden if hidden else lambda model, **kw: (model(**kw), None)
+    out, h = forward(policy, input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
+                     logits_to_keep=1, **with_cache(policy, cache))
     if repeats > 1:  # every repeat continues from the one prefill
         cache.batch_repeat_interleave(repeats)
         mask = mask.repeat_interleave(repeats, 0)
         out.logits = out.logits.repeat_interleave(repeats, 0)
-        if hidden:
-            out.hidden_states = tuple(h.repeat_interleave(repeats, 0) for h in out.hidden_states)
+        h = h.repeat_interleave(repeats, 0) if hidden else None
     pos = position_ids(mask)[:, -1:]
     steps = _Steps([], [], [], [])
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(gen_cfg.max_new_tokens):
         logits = out.logits[:, -1].float()
-        h = out.hidden_states[-1][:, -1] if hidden else None
+        h = h[:, -1] if hidden else None
         if value_head is not None:
             steps.values.append(value_head(h).squeeze(-1).float())
         logp = F.log_softmax(logits, -1)
@@ -229,8 +229,8 @@ def sample(policy, tokenizer, prompt_ids: list[list[int]], gen_cfg, stop_sequenc
             break
         mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
         pos = pos + 1
-        out = policy(input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=pos, use_cache=True,
-                     output_hidden_states=hidden, **with_cache(policy, cache))
+        out, h = forward(policy, input_ids=nxt.unsqueeze(-1), attention_mask=mask, position_ids=pos, use_cache=True,
+                         **with_cache(policy, cache))
     return _finish(tokenizer, steps, stop_sequences, B)
 
 
@@ -340,9 +340,9 @@ def steered_sequence_logprobs(policy, processors: LogitsProcessorList, pad_id: i
     for i in range(0, len(queries), batch_size):
         b = collate_responses(queries[i: i + batch_size], responses[i: i + batch_size], pad_id, device)
         R = b.responses.shape[1]
-        o = policy(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=position_ids(b.attention_mask),
-                   use_cache=False, output_hidden_states=True)
-        logits, hidden = o.logits[:, -R - 1:-1].float(), o.hidden_states[-1][:, -R - 1:-1]
+        o, hidden = forward_with_hidden(policy, input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                        position_ids=position_ids(b.attention_mask), use_cache=False)
+        logits, hidden = o.logits[:, -R - 1:-1].float(), hidden[:, -R - 1:-1]
         scores = processors(None, logits.reshape(-1, logits.shape[-1]), hidden_states=hidden.reshape(-1, hidden.shape[-1]))
         lp = token_logprobs(scores.view_as(logits), b.responses)  # -inf past a padded row's end (top-k)
         out += lp.masked_fill(b.mask == 0, 0.0).sum(1).tolist()
