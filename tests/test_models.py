@@ -127,3 +127,20 @@ def test_heads_read_the_width_of_the_final_hidden_state():
     assert hidden_size(model) == hidden_size(model.config) == width == 16
     _, values = PolicyWithValueHead(model)(ids, mask, num_logits=2)
     assert values.shape == (1, 2)
+
+
+@pytest.mark.parametrize("family", tiny_families.ALL)
+def test_forward_with_hidden_is_the_last_of_output_hidden_states_at_the_kept_positions(family):
+    from rlhf_cli.models import forward_with_hidden
+
+    model = tiny_families.build(family).eval()
+    ids = torch.randint(2, 300, (2, 7))
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        for keep in (0, 3):  # 0: every position
+            out, hidden = forward_with_hidden(model, input_ids=ids, use_cache=False, logits_to_keep=keep)
+            want = ref.hidden_states[-1][:, -keep:] if keep else ref.hidden_states[-1]
+            assert hidden.shape == want.shape
+            torch.testing.assert_close(hidden, want, rtol=0, atol=1e-6)
+            torch.testing.assert_close(out.logits, ref.logits[:, -keep:] if keep else ref.logits)
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is gone
