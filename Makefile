@@ -43,7 +43,8 @@ bench: install
 # stage whose config is unchanged and continue an interrupted one; eval reuses an up-to-date report.
 # tiny: the reward model learns from the SFT policy's own samples (4 per prompt, every two compared by the
 # gold scorer, 10% of labels flipped), as Stiennon et al.'s labellers compared policy samples; the reference
-# pairs alone never show it a hallucinated object, so PPO learned to hallucinate (gold 0.24 -> ~0.45 with these).
+# pairs alone never show it a hallucinated object, so PPO learned to hallucinate (gold 0.24; 0.47 with these, and 0.82,
+# above the references' 0.52, once the SFT policy copies the object: tldr_sft.yaml).
 POLICY_COMPARISONS := --set policy_comparisons.samples_per_prompt=4 --set data.synthetic.num_train=3000
 summarize-pipeline: install
 	$(RLHF) sft --config stage_configs/tldr_sft.yaml --preset $(PRESET) --output-dir $(RUNS)/sft --resume
