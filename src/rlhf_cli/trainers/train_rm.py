@@ -13,7 +13,6 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from .. import checkpoint as ck
 from .. import lora
@@ -26,7 +25,7 @@ from ..heads import PooledReward
 from ..losses.reward import pairwise_loss
 from ..metrics import mean_and_stderr
 from ..models import (build_tiny_reward, checkpoint_kind, count_params, freeze_bottom, frozen_block_count,
-                      load_pretrained, load_reward_model, load_tokenizer, max_positions, score_head, sequence_rewards,
+                      load_causal_lm, load_reward_model, load_tokenizer, max_positions, score_head, sequence_rewards,
                       train_tokenizer)
 from ..sampling import generate
 from . import common
@@ -122,7 +121,7 @@ def sampled_comparisons(policy, tok, prompts: list[str], cfg, seed: int, progres
 
 def _policy_comparisons(cfg, data: PairData, tok, console) -> PairData:
     """`data` with its pairs replaced by comparisons of the parent policy's samples on the same prompts."""
-    policy = load_pretrained(AutoModelForCausalLM, cfg.init_source, "model").eval()
+    policy = load_causal_lm(cfg.init_source, cfg.model).eval()  # the one way a policy loads
     with common.progress_bar(console, os.environ.get("RANK", "0") == "0") as progress:
         train, held = (sampled_comparisons(policy, tok, list(dict.fromkeys(e.prompt for e in split)), cfg, seed,
                                            progress) for split, seed in ((data.train, cfg.seed), (data.eval, cfg.seed + 10_000)))
