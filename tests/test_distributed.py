@@ -51,6 +51,7 @@ def test_dpo_with_two_processes_matches_one(sft_ckpt, tmp_path):
     assert b == pytest.approx(a, rel=1e-4)
 
 
+@pytest.mark.slow  # the fast suite within 10 minutes; SFT and DPO keep the two-process loop in it
 def test_reward_model_with_two_processes_matches_one(sft_ckpt, tmp_path):
     a, b = _two_ways(["train-rm", "--config", str(ROOT / "stage_configs" / "tldr_rm.yaml"), "--init-from",
                       str(sft_ckpt)], tmp_path)
