@@ -65,8 +65,8 @@ def trl112_python(where: Path) -> str:
     return str(py)
 
 
-def run_one(python: str, script: str, spec: Path, method: str, out: Path, log: Path) -> dict:
-    cmd = [python, str(HERE / script), "--spec", str(spec), "--out", str(out)]
+def run_one(python: str, script: str, spec: Path, method: str, out: Path, log: Path, flops: bool = False) -> dict:
+    cmd = [python, str(HERE / script), "--spec", str(spec), "--out", str(out)] + (["--flops"] if flops else [])
     if script not in TRL_SCRIPT.values():
         cmd += ["--method", method]
     with open(log, "a") as fh:
@@ -124,16 +124,26 @@ def model_flops_per_token(spec: dict) -> float:
     return 6 * (L * block + d * spec["vocab_size"]) + 12 * L * T * d / 2  # causal: half of T
 
 
-def summarize(results: dict) -> list[dict]:
+def summarize(results: dict, counted: dict | None = None) -> list[dict]:
+    """A row per cell; with `counted` ((size, method) -> {"ours": run, "trl": run} of the --flops runs), the
+    FLOPs each side executes per unit of work: ratio = work (TRL FLOPs / ours, per unit) x speed per FLOP
+    (ours FLOP/s / TRL's), exactly, as throughput = FLOP/s / (FLOPs per unit)."""
     rows = []
     for (size, method), pairs in results.items():
         ours = [p["ours"]["throughput"] for p in pairs]
         trl = [p["trl"]["throughput"] for p in pairs]
         ratios = [o / t for o, t in zip(ours, trl)]
         problems = sorted({x for p in pairs for x in same_work(method, p["ours"], p["trl"])})
-        rows.append({"size": size, "method": method, "ours": statistics.median(ours), "trl": statistics.median(trl),
-                     "ratio": statistics.median(ours) / statistics.median(trl), "min": min(ratios), "max": max(ratios),
-                     "repeats": len(pairs), "problems": problems, "first": pairs[0]})
+        row = {"size": size, "method": method, "ours": statistics.median(ours), "trl": statistics.median(trl),
+               "ratio": statistics.median(ours) / statistics.median(trl), "min": min(ratios), "max": max(ratios),
+               "repeats": len(pairs), "problems": problems, "first": pairs[0]}
+        c = (counted or {}).get((size, method))
+        if c:
+            per_unit = {side: c[side]["flops"] / c[side]["work"] for side in ("ours", "trl")}
+            row.update(flops_per_unit=per_unit, work_ratio=per_unit["trl"] / per_unit["ours"],
+                       gflops={"ours": row["ours"] * per_unit["ours"] / 1e9, "trl": row["trl"] * per_unit["trl"] / 1e9})
+            row["rate_ratio"] = row["gflops"]["ours"] / row["gflops"]["trl"]
+        rows.append(row)
     return rows
 
 
@@ -160,10 +170,17 @@ def render_results(rows: list[dict], specs: dict, peak: float, mfu: dict, versio
         f"and evaluation excluded on both sides). Whole benchmark: {minutes:.1f} min.",
         "- Ratio = median ours / median TRL; the range is the min–max of the per-repeat A/B ratios.",
         "",
-        "| size | stage | unit | rlhf_cli | TRL | ratio (min–max) | target | same work |",
-        "|---|---|---|---:|---:|---|---:|---|",
+        "- FLOPs: one more run per side and cell, untimed, counts what its loop executes (torch's "
+        "FlopCounterMode, benchmarks/flops.py: matmuls and attention, forward and backward). ratio = less work "
+        "(TRL's FLOPs per unit / ours) x faster work (our FLOP/s / TRL's: the throughputs above times the FLOPs "
+        "per unit).",
+        "",
+        "| size | stage | unit | rlhf_cli | TRL | ratio (min–max) | target | same work | GFLOP / unit: ours, TRL "
+        "| less work | faster work | GFLOP/s: ours, TRL |",
+        "|---|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|",
     ]
-    lines += cell_rows(rows)
+    lines += cell_rows(rows, flops=True)
+    lines += missed_targets(rows, peak)
     lines += ["", "## Where the differences come from (profiles of both sides)", "",
               "- SFT: TRL 1.16 computes the loss with its chunked log-prob kernel (it saves logits memory and "
               "recomputes each tile in the backward pass) and also the per-token entropy; rlhf_cli runs the LM "
@@ -179,6 +196,10 @@ def render_results(rows: list[dict], specs: dict, peak: float, mfu: dict, versio
               "sides run the same trunk work otherwise (sampling, the reference's and the reward model's forward "
               "passes, the policy's forward and backward), so the ratio sits near 2-3x and falls as longer runs "
               "amortise TRL's first-iteration cost.",
+              "- All stages: the last block's MLP runs only at the positions whose output is read (`models.tail_only`: "
+              "the response positions of PPO's, GRPO's and the reference's passes, a sampling prefill's last position, "
+              "SFT's label positions, a reward model's last tokens, a shared prompt's last position), a third of a "
+              "2-block model's prompt work and 1/(1.5 L) of an L-block one's; TRL runs it at every position.",
               "- All stages: fused AdamW (one kernel for every parameter).",
               "- All stages: GPT-2's `gelu_new` runs as PyTorch's fused tanh GELU (`model.fuse_gelu`).",
               "", "## Workloads", ""]
@@ -217,16 +238,43 @@ def render_results(rows: list[dict], specs: dict, peak: float, mfu: dict, versio
     return "\n".join(lines) + "\n"
 
 
-def cell_rows(rows: list[dict]) -> list[str]:
-    """A table row per cell: throughputs, the ratio and its range, the target, the same-work check."""
+def cell_rows(rows: list[dict], flops: bool = False) -> list[str]:
+    """A table row per cell: throughputs, the ratio and its range, the target, the same-work check; with
+    `flops`, the FLOPs per unit of each side and the ratio's two factors (summarize)."""
     out = []
     for r in rows:
         target = TARGETS.get(r["size"], {}).get(r["method"])
         ok = "yes" if not r["problems"] else "NO: " + "; ".join(r["problems"])
         out.append(f"| {r['size']} | {NAMES[r['method']]} | {UNITS[r['method']]} | {r['ours']:.1f} | {r['trl']:.1f} | "
                    f"**{r['ratio']:.2f}x** ({r['min']:.2f}–{r['max']:.2f}) | "
-                   f"{f'{target:.1f}x' if target else '–'}{' met' if target and r['ratio'] >= target else (' MISSED' if target else '')} | {ok} |")
+                   f"{f'{target:.1f}x' if target else '–'}{' met' if target and r['ratio'] >= target else (' MISSED' if target else '')} | {ok} |"
+                   + (flop_cells(r) if flops else ""))
     return out
+
+
+def missed_targets(rows: list[dict], peak: float) -> list[str]:
+    """A sentence per missed target: the speed per FLOP over TRL's that reaching it would take, on this work."""
+    out = []
+    for r in rows:
+        target = TARGETS.get(r["size"], {}).get(r["method"])
+        if not target or r["ratio"] >= target or "work_ratio" not in r:
+            continue
+        need = target / r["work_ratio"]
+        out.append(f"- {r['size']} {NAMES[r['method']]}: TRL executes {r['work_ratio']:.2f}x our FLOPs per "
+                   f"{UNITS[r['method']].split('/')[0][:-1]}, so {target:.1f}x needs our loop to run {need:.2f}x TRL's "
+                   f"FLOP/s: {need * r['gflops']['trl']:.0f} GFLOP/s over the whole loop (sampling and small matmuls "
+                   f"included), against {r['gflops']['ours']:.0f} now and a single-thread matmul peak of {peak:.0f} "
+                   "(the best square matmul, measured above).")
+    return ["", "Missed targets, in FLOPs:", "", *out] if out else []
+
+
+def flop_cells(r: dict) -> str:
+    """The FLOP columns of a cell's row (– where the cell has no counted runs)."""
+    if "work_ratio" not in r:
+        return " – | – | – | – |"
+    f, g = r["flops_per_unit"], r["gflops"]
+    return (f" {f['ours'] / 1e9:.3g}, {f['trl'] / 1e9:.3g} | {r['work_ratio']:.2f}x | {r['rate_ratio']:.2f}x | "
+            f"{g['ours']:.0f}, {g['trl']:.0f} |")
 
 
 def summarize_memory(mem: dict, grpo_pairs: dict) -> list[dict]:
@@ -259,8 +307,9 @@ def render_grpo(rows: list[dict], mem_rows: list[dict], specs: dict, versions: d
              f"{args.repeats} repeat(s) per cell, A/B alternating, each run its own process; the whole bench.py "
              f"run: {minutes:.1f} min.", ""]
     if rows:
-        lines += ["| size | stage | unit | rlhf_cli | TRL | ratio (min–max) | target | same work |",
-                  "|---|---|---|---:|---:|---|---:|---|", *cell_rows(rows), ""]
+        lines += ["| size | stage | unit | rlhf_cli | TRL | ratio (min–max) | target | same work | GFLOP / unit: ours, "
+                  "TRL | less work | faster work | GFLOP/s: ours, TRL |",
+                  "|---|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|", *cell_rows(rows, flops=True), ""]
     lines += ["Both sides (trl_grpo.py and ours.py's grpo config): the workload's policy and tokenizer, the same "
               "prompts in the same order (rlhf_cli's batcher replayed as TRL's sampler), G completions of each "
               "prompt, one generation call per iteration, one optimizer step per generation batch (micro-batch x "
@@ -379,6 +428,7 @@ def main() -> None:
     print(f"matmul peak {peak:.1f} GFLOP/s (one thread)", flush=True)
 
     results: dict = {}
+    counted: dict = {}
     for size in sizes:
         spec_path = work / "work" / size / "spec.json"
         for method in (m for m in methods if m != "mem"):
@@ -394,6 +444,13 @@ def main() -> None:
                       f"trl {pair['trl']['throughput']:9.1f} {UNITS[method]}  "
                       f"ratio {pair['ours']['throughput'] / pair['trl']['throughput']:.2f}", flush=True)
             results[(size, method)] = pairs
+            # one more run per side, untimed, that counts the FLOPs its loop executes (flops.py)
+            c = counted[(size, method)] = {side: run_one(py, script, spec_path, method,
+                                                         res_dir / f"{size}_{method}_{side}_flops.json", log, flops=True)
+                                           for side, (py, script) in (("ours", (sys.executable, "ours.py")),
+                                                                      ("trl", trl_run))}
+            print(f"{size:6s} {method:3s} FLOPs per unit: ours {c['ours']['flops'] / c['ours']['work']:.3g} "
+                  f"trl {c['trl']['flops'] / c['trl']['work']:.3g}", flush=True)
     mem: dict = {}  # size -> pairs of ours' runs {"grpo": ..., "ppo_eqbatch": ...}
     for size in sizes if "mem" in methods else []:
         spec_path = work / "work" / size / "spec.json"
@@ -405,7 +462,7 @@ def main() -> None:
             mem[size].append(pair)
             print(f"{size:6s} mem repeat {r + 1}: peak RSS rlhf grpo {pair['grpo']['peak_rss_mb']:.0f} MiB, "
                   f"rlhf ppo (same batch) {pair['ppo_eqbatch']['peak_rss_mb']:.0f} MiB", flush=True)
-    rows = summarize(results)
+    rows = summarize(results, counted)
     mem_rows = summarize_memory(mem, {size: p for (size, m), p in results.items() if m == "grpo"})
     mfu = {}
     for r in rows:

@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--method", required=True, choices=list(STAGE))
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--flops", action="store_true", help="count the loop's FLOPs (flops.py; an untimed run)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     spec = json.loads(Path(args.spec).read_text())
@@ -109,6 +110,21 @@ def main() -> None:
 
     from rlhf_cli import cli
 
+    flops = [0]
+    if args.flops:  # every optimizer step (the experience phase of PPO / GRPO included), not the final eval
+        import flops as flop_counting
+
+        from rlhf_cli.trainers import loop
+
+        step = loop._Loop.step
+
+        def counted(self):
+            with flop_counting.counter() as c:
+                out = step(self)
+            flops[0] += c.get_total_flops()
+            return out
+
+        loop._Loop.step = counted
     base_rss = None
     if args.method in ("grpo", "ppo_eqbatch"):  # the memory comparison: the same modules loaded before both
         import rlhf_cli.trainers.grpo  # noqa: F401
@@ -135,7 +151,8 @@ def main() -> None:
               "throughput": work / loop["seconds"],
               "first_loss": first.get("train/loss", first.get("train/policy_loss")),
               "first_logps_chosen": first.get("train/logps/chosen"),
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mb": base_rss}
+              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mb": base_rss,
+              "flops": flops[0] if args.flops else None}
     Path(args.out).write_text(json.dumps(result, indent=1))
 
 

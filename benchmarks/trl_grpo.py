@@ -39,6 +39,7 @@ import torch
 torch.set_num_threads(1)  # first thing: the benchmark compares single-threaded CPU runs
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -51,6 +52,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import flops  # noqa: E402
 import workload  # noqa: E402
 from rlhf_cli.trainers.common import Batcher  # noqa: E402
 
@@ -81,6 +83,7 @@ def main():
     ap.add_argument("--spec", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--flops", action="store_true", help="count the loop's FLOPs (flops.py; an untimed run)")
     a = ap.parse_args()
     base_rss = workload.rss_mb()  # after the imports, before the model and data
     spec = json.loads(Path(a.spec).read_text())
@@ -136,7 +139,8 @@ def main():
         trainer = Ordered(model=model, reward_funcs=workload.length_reward, args=cfg,
                           train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tok,
                           callbacks=[meter])
-        trainer.train()
+        with (flops.counter() if a.flops else contextlib.nullcontext()) as counter:
+            trainer.train()
     loop = meter.t1 - meter.t0
     assert meter.steps == iters and seen["episodes"] == R * iters, (meter.steps, seen)
     result = {"side": "trl", "method": "grpo", "version": trl.__version__, "episodes": seen["episodes"],
@@ -144,7 +148,7 @@ def main():
               "tokens": seen["tokens"], "work": seen["episodes"], "loop_seconds": loop,
               "throughput": seen["episodes"] / loop, "first_loss": None, "unit": "episodes/s",
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mb": base_rss,
-              "logs": meter.logs}
+              "flops": counter.get_total_flops() if a.flops else None, "logs": meter.logs}
     Path(a.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "logs"}))
 

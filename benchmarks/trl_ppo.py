@@ -12,6 +12,7 @@ import torch
 torch.set_num_threads(1)  # first thing: the benchmark compares single-threaded CPU runs
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -27,6 +28,8 @@ from transformers import (
     set_seed,
 )
 from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+import flops  # benchmarks/flops.py: this script's folder is on sys.path
 
 
 class Meter(TrainerCallback):
@@ -51,6 +54,7 @@ def main():
     ap.add_argument("--spec", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--flops", action="store_true", help="count the loop's FLOPs (flops.py; an untimed run)")
     a = ap.parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="trl_ppo_")
     with open(a.spec) as fh:
@@ -116,7 +120,8 @@ def main():
 
     ppo_mod.truncate_response = counting_truncate
 
-    trainer.train()
+    with (flops.counter() if a.flops else contextlib.nullcontext()) as counter:
+        trainer.train()
     loop = meter.t1 - meter.t0
     expected = R // mb * p["ppo_epochs"] * iters
     assert steps[0] == expected, (steps[0], expected)
@@ -125,7 +130,8 @@ def main():
               "iterations": trainer.state.global_step, "optimizer_steps": steps[0],
               "response_tokens": n_tokens[0], "tokens": n_tokens[0], "work": episodes,
               "loop_seconds": loop, "throughput": episodes / loop, "first_loss": None,
-              "unit": "episodes/s", "logs": meter.logs}
+              "unit": "episodes/s",
+              "flops": counter.get_total_flops() if a.flops else None, "logs": meter.logs}
     with open(a.out, "w") as fh:
         json.dump(result, fh, indent=1)
     print(json.dumps({k: v for k, v in result.items() if k != "logs"}))

@@ -15,12 +15,15 @@ same workload, settings and batches as ours.py:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+import flops  # benchmarks/flops.py: this script's folder is on sys.path
 
 
 def rows(path: str) -> list[dict]:
@@ -33,6 +36,7 @@ def main() -> None:
     ap.add_argument("--method", required=True, choices=["sft", "rm", "dpo"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--flops", action="store_true", help="count the loop's FLOPs (flops.py; an untimed run)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     spec = json.loads(Path(args.spec).read_text())
@@ -93,7 +97,8 @@ def main() -> None:
         )
         trainer = Ordered(model=model, args=config, train_dataset=Dataset.from_list(data), processing_class=tok,
                           callbacks=[Clock()])
-        trainer.train()
+        with (flops.counter() if args.flops else contextlib.nullcontext()) as counter:
+            trainer.train()
     first = next(x for x in seen["logs"] if x["step"] == 1 and "loss" in x)
     seconds = seen["t1"] - seen["t0"]
     unit = "tokens" if args.method == "sft" else "pairs"
@@ -101,7 +106,8 @@ def main() -> None:
     result = {"side": "trl", "version": trl.__version__, "method": args.method, "optimizer_steps": seen["steps"],
               "tokens": seen["tokens"], "work": work, "unit": f"{unit}/s", "loop_seconds": seconds,
               "throughput": work / seconds, "first_loss": first["loss"],
-              "first_logps_chosen": first.get("logps/chosen")}
+              "first_logps_chosen": first.get("logps/chosen"),
+              "flops": counter.get_total_flops() if args.flops else None}
     Path(args.out).write_text(json.dumps(result, indent=1))
 
 

@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import pytest
@@ -144,3 +145,64 @@ def test_forward_with_hidden_is_the_last_of_output_hidden_states_at_the_kept_pos
             assert torch.equal(hidden, want)  # the very tensor, not a recomputation
             torch.testing.assert_close(out.logits, ref.logits[:, -keep:] if keep else ref.logits)
     assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is gone
+
+
+@pytest.mark.parametrize("family", tiny_families.ALL)
+def test_tail_only_leaves_the_kept_logits_and_every_gradient_and_runs_the_last_mlp_on_them_alone(family):
+    """The last block's MLP on the kept positions only: the same logits there and the same parameter gradients
+    (of a loss on them) as the whole forward, to float rounding; the MLP sees only the kept rows."""
+    from rlhf_cli.models import position_ids, tail_only, transformer_blocks
+
+    model = tiny_families.build(family).eval()
+    ids = torch.randint(2, 300, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded row
+    keep = 3
+
+    def run(tail: bool):
+        model.zero_grad()
+        with tail_only(model, keep) if tail else contextlib.nullcontext():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                           logits_to_keep=keep).logits
+        (logits.float().log_softmax(-1)[..., :5] * torch.arange(5.0)).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole, whole_grads = run(False)
+    mlp = getattr(transformer_blocks(model)[-1], "mlp", None)
+    rows = []
+    if mlp is not None:  # registered before tail_only's hooks: sees what the MLP itself returns
+        seen = mlp.register_forward_hook(lambda _m, _a, out: rows.append(out.shape[1]))
+    tail, tail_grads = run(True)
+    torch.testing.assert_close(tail, whole, atol=1e-5, rtol=1e-5)
+    assert tail_grads.keys() == whole_grads.keys()
+    for name, g in whole_grads.items():
+        torch.testing.assert_close(tail_grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
+    if mlp is not None:
+        seen.remove()
+        assert rows == [keep]  # 9 positions in, 3 through the MLP
+        assert not mlp._forward_pre_hooks and not mlp._forward_hooks  # tail_only's hooks are gone
+    else:
+        assert family == "opt" or family == "opt_projected"  # fc1/fc2 in the block: left as it is
+
+
+def test_tail_only_is_a_no_op_where_the_backward_pass_recomputes_the_block():
+    """Gradient checkpointing reruns the block in the backward pass, after tail_only's hooks are gone: the
+    forward then runs whole, and the gradients are the plain ones."""
+    from rlhf_cli.models import tail_only, transformer_blocks
+    from rlhf_cli.trainers.common import checkpoint_activations
+
+    model = tiny_families.build("llama").train()
+    ids = torch.randint(2, 300, (2, 9))
+    plain = model(input_ids=ids, use_cache=False, logits_to_keep=2).logits.sum()
+    plain.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    checkpoint_activations(model)
+    rows = []
+    transformer_blocks(model)[-1].mlp.register_forward_hook(lambda _m, _a, out: rows.append(out.shape[1]))
+    with tail_only(model, 2):
+        loss = model(input_ids=ids, use_cache=False, logits_to_keep=2).logits.sum()
+    loss.backward()
+    assert rows and set(rows) == {9}  # whole (and so is a recomputation, where one calls the MLP's hooks)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4, msg=n)

@@ -19,7 +19,7 @@ from torch.func import functional_call
 
 from .checkpoint import load_tensors
 from .errors import UserError, is_corrupt_safetensors
-from .models import forward_with_hidden, position_ids, sequence_rewards
+from .models import forward_with_hidden, position_ids, sequence_rewards, tail_only
 from .shared_prompt import completion_logits, completion_rewards
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -65,9 +65,10 @@ class PolicyWithValueHead(nn.Module):
         return self.policy.config
 
     def forward(self, input_ids, attention_mask, num_logits: int):
-        out, hidden = forward_with_hidden(self.policy, input_ids=input_ids, attention_mask=attention_mask,
-                                          position_ids=position_ids(attention_mask), use_cache=False,
-                                          logits_to_keep=num_logits)
+        with tail_only(self.policy, num_logits):
+            out, hidden = forward_with_hidden(self.policy, input_ids=input_ids, attention_mask=attention_mask,
+                                              position_ids=position_ids(attention_mask), use_cache=False,
+                                              logits_to_keep=num_logits)
         return out.logits, self.value_head(hidden).squeeze(-1).float()
 
     def save_pretrained(self, dest, state_dict=None, safe_serialization=True, **kw):
@@ -109,8 +110,9 @@ class PolicyOnly(nn.Module):
         if shared is not None:
             logits = completion_logits(self.policy, shared)
         else:
-            logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(
-                attention_mask), use_cache=False, logits_to_keep=num_logits).logits
+            with tail_only(self.policy, num_logits):
+                logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(
+                    attention_mask), use_cache=False, logits_to_keep=num_logits).logits
         return logits, torch.zeros(logits.shape[:2], device=logits.device)
 
     def save_pretrained(self, dest, state_dict=None, safe_serialization=True, **kw):
@@ -139,7 +141,8 @@ class Reference:
     def logits(self, input_ids, attention_mask, num_logits: int) -> torch.Tensor:
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                       use_cache=False, logits_to_keep=num_logits)
-        return functional_call(self.policy, self.params, args=(), kwargs=kwargs, strict=False).logits
+        with tail_only(self.policy, num_logits):
+            return functional_call(self.policy, self.params, args=(), kwargs=kwargs, strict=False).logits
 
 
 class Held:
@@ -150,8 +153,10 @@ class Held:
 
     @torch.no_grad()
     def logits(self, input_ids, attention_mask, num_logits: int) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                          use_cache=False, logits_to_keep=num_logits).logits
+        with tail_only(self.model, num_logits):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids(attention_mask), use_cache=False,
+                              logits_to_keep=num_logits).logits
 
 
 class FrozenCopy(Held):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .models import position_ids, tail_only
 
 ADAPTER_DIR = "adapter"
 
@@ -103,9 +104,7 @@ class Reference:
 
     @torch.no_grad()
     def logits(self, input_ids, attention_mask, num_logits: int) -> torch.Tensor:
-        from .models import position_ids
-
-        with adapters_off(self.policy):
+        with adapters_off(self.policy), tail_only(self.policy, num_logits):
             return self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                position_ids=position_ids(attention_mask), logits_to_keep=num_logits).logits
 

@@ -26,7 +26,7 @@ from .data.tokenize import pad_left, pad_right
 from .heads import ILQLHeads
 from .losses.ilql import steered_logits
 from .losses.ppo import token_logprobs
-from .models import forward_with_hidden, new_cache, position_ids, with_cache
+from .models import forward_with_hidden, new_cache, position_ids, tail_only, with_cache
 
 
 def cut_at_stop(tokenizer, ids: list[int], stop_sequences: list[str]) -> tuple[list[int], bool]:
@@ -202,8 +202,9 @@ def sample(policy, tokenizer, prompt_ids: list[list[int]], gen_cfg, stop_sequenc
     mask = pad_left([[1] * len(p) for p in prompt_ids], 0).to(device)
     cache = new_cache(policy)
     forward = forward_with_hidden if hidden else lambda model, **kw: (model(**kw), None)
-    out, h = forward(policy, input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
-                     logits_to_keep=1, **with_cache(policy, cache))
+    with tail_only(policy, 1):  # the prefill is read at its last position (and its keys/values)
+        out, h = forward(policy, input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
+                         logits_to_keep=1, **with_cache(policy, cache))
     if repeats > 1:  # every repeat continues from the one prefill
         cache.batch_repeat_interleave(repeats)
         mask = mask.repeat_interleave(repeats, 0)
@@ -316,8 +317,9 @@ def collate_responses(queries: list[list[int]], responses: list[list[int]], pad_
 def response_logits(model, b: ResponseBatch) -> torch.Tensor:
     """(B, R, V) logits of a causal LM predicting each response token."""
     R = b.responses.shape[1]
-    return model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=position_ids(b.attention_mask),
-                 use_cache=False, logits_to_keep=R + 1).logits[:, :-1]
+    with tail_only(model, R + 1):
+        return model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                     position_ids=position_ids(b.attention_mask), use_cache=False, logits_to_keep=R + 1).logits[:, :-1]
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.tokenize import pad_left, pad_right
-from .models import new_cache, position_ids, score_head, with_cache
+from .models import new_cache, position_ids, score_head, tail_only, with_cache
 
 
 @dataclass
@@ -63,8 +63,9 @@ def usable(model) -> bool:
 def _prompt_pass(fwd, s: Shared, **kw):
     """The prompts' forward, filling a fresh KV cache; returns (output, cache)."""
     cache = new_cache(fwd)
-    out = fwd(input_ids=s.prompt_ids, attention_mask=s.prompt_mask, position_ids=position_ids(s.prompt_mask),
-              use_cache=True, **with_cache(fwd, cache), **kw)
+    with tail_only(fwd, 1):  # read at its last position alone, and through its keys and values
+        out = fwd(input_ids=s.prompt_ids, attention_mask=s.prompt_mask, position_ids=position_ids(s.prompt_mask),
+                  use_cache=True, **with_cache(fwd, cache), **kw)
     return out, cache
 
 
