@@ -3,7 +3,7 @@
 #   make hh-pipeline            SFT, PPO, ILQL and DPO on HH dialogues, compared in one table
 #   make arith-pipeline         SFT then GRPO with rule-based rewards on arithmetic problems (accuracy up)
 #   make test                   the fast test suite (what CI runs)
-#   make bench                  rlhf_cli against TRL on identical work -> benchmarks/RESULTS.md (~25 min)
+#   make bench                  rlhf_cli against TRL on identical work -> benchmarks/RESULTS.md (~35 min)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RLHF   := $(VENV)/bin/rlhf
