@@ -154,8 +154,9 @@ def machine() -> str:
 
 
 def render_results(rows: list[dict], specs: dict, peak: float, mfu: dict, versions: dict, args,
-                   minutes: float) -> str:
-    """RESULTS.md's main part (SFT, RM, DPO, PPO)."""
+                   minutes: float, kept: list[dict] = ()) -> str:
+    """RESULTS.md's main part (SFT, RM, DPO, PPO); `kept`: rows of cells not run this time (an earlier run's)."""
+    kept_cells = ", ".join(f"{r['size']} {NAMES[r['method']]}" for r in kept)
     lines = [
         "# rlhf-cli against TRL: training-loop throughput on identical work",
         "",
@@ -169,6 +170,8 @@ def render_results(rows: list[dict], specs: dict, peak: float, mfu: dict, versio
         f"each run its own process; the throughput is the training loop's (model loading, tokenization "
         f"and evaluation excluded on both sides). Whole benchmark: {minutes:.1f} min.",
         "- Ratio = median ours / median TRL; the range is the min–max of the per-repeat A/B ratios.",
+        *([f"- Kept from the previous run (not run this time, `.bench/results/summary.json`): {kept_cells}; this "
+           "run's time covers the others."] if kept else []),
         "",
         "- FLOPs: one more run per side and cell, untimed, counts what its loop executes (torch's "
         "FlopCounterMode, benchmarks/flops.py: matmuls and attention, forward and backward). ratio = less work "
@@ -198,7 +201,7 @@ def render_results(rows: list[dict], specs: dict, peak: float, mfu: dict, versio
               "amortise TRL's first-iteration cost.",
               "- All stages: the last block's MLP runs only at the positions whose output is read (`models.tail_only`: "
               "the response positions of PPO's, GRPO's and the reference's passes, a sampling prefill's last position, "
-              "SFT's label positions, a reward model's last tokens, a shared prompt's last position), a third of a "
+              "a reward model's last tokens, a shared prompt's last position; not SFT's training step), a third of a "
               "2-block model's prompt work and 1/(1.5 L) of an L-block one's; TRL runs it at every position.",
               "- All stages: fused AdamW (one kernel for every parameter).",
               "- All stages: GPT-2's `gelu_new` runs as PyTorch's fused tanh GELU (`model.fuse_gelu`).",
@@ -463,8 +466,16 @@ def main() -> None:
             print(f"{size:6s} mem repeat {r + 1}: peak RSS rlhf grpo {pair['grpo']['peak_rss_mb']:.0f} MiB, "
                   f"rlhf ppo (same batch) {pair['ppo_eqbatch']['peak_rss_mb']:.0f} MiB", flush=True)
     rows = summarize(results, counted)
+    # main-table cells not run this time keep their last measured row (a run of `--methods sft` redoes SFT only)
+    summary = res_dir / "summary.json"
+    previous = json.loads(summary.read_text()) if summary.exists() else {}
+    ran = {(r["size"], r["method"]) for r in rows}
+    kept = [r for r in previous.get("rows", []) if r["method"] in MAIN and (r["size"], r["method"]) not in ran]
+    if any(m in MAIN for m in methods):
+        rows += kept
+    rows.sort(key=lambda r: (r["size"] != "tiny", r["size"], (*MAIN, "grpo").index(r["method"])))
     mem_rows = summarize_memory(mem, {size: p for (size, m), p in results.items() if m == "grpo"})
-    mfu = {}
+    mfu = dict(previous.get("mfu", {}))
     for r in rows:
         if r["method"] == "sft":
             fpt = model_flops_per_token(specs[r["size"]])
@@ -474,7 +485,7 @@ def main() -> None:
     main_rows = [r for r in rows if r["method"] in MAIN]
     grpo_rows = [r for r in rows if r["method"] == "grpo"]
     write_merged(Path(args.out),
-                 render_results(main_rows, specs, peak, mfu, versions, args, minutes)
+                 render_results(main_rows, specs, peak, mfu, versions, args, minutes, kept)
                  if any(m in MAIN for m in methods) else None,
                  render_grpo(grpo_rows, mem_rows, specs, versions, args, minutes)
                  if "grpo" in methods or "mem" in methods else None)

@@ -20,7 +20,7 @@ from ..data.tokenize import chat_features, collate_sft, sft_features
 from ..errors import UserError
 from ..losses.sft import sft_loss
 from ..metrics import generation_metrics
-from ..models import count_params, load_policy, max_positions, tail_only
+from ..models import count_params, load_policy, max_positions
 from . import common
 from .stage import Micro, Stage, StepLoss
 
@@ -59,14 +59,13 @@ def load_sft_policy(cfg, data: SFTData):
 
 
 def label_nll(model, input_ids, attention_mask, labels):
-    """`sft_loss` with LM-head logits (and the last block's MLP, `tail_only`) only from the first position that
-    predicts a label on: on prompt/completion data the prompt's logits are never used, and the head is a tenth
-    of the step."""
+    """`sft_loss` with LM-head logits only from the first position that predicts a label on: on
+    prompt/completion data the prompt's logits are never used, and the head is a tenth of the step.
+    Not `models.tail_only` here: the float rounding it brings redraws the tiny SFT (a late phase change),
+    and every tiny recipe downstream with it."""
     has_label = (labels != -100).any(0)
     first = max(0, int(has_label.float().argmax()) - 1) if bool(has_label.any()) else 0
-    keep = labels.shape[1] - first
-    with tail_only(model, keep):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=labels.shape[1] - first).logits
     return sft_loss(logits, labels[:, first:])
 
 
