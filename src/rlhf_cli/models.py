@@ -449,6 +449,14 @@ def position_ids(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def checkpointing(model, training_only: bool = False) -> bool:
+    """Whether a block of `model` recomputes its activations in the backward pass (gradient checkpointing on:
+    what transformers itself checks, its `is_gradient_checkpointing` being deprecated); `training_only`: and
+    is in training mode, where the recomputation happens."""
+    return any(getattr(m, "gradient_checkpointing", False) and (m.training or not training_only)
+               for m in unwrap(model).modules())
+
+
 @contextlib.contextmanager
 def tail_only(model, keep: int):
     """Within: the last block's MLP runs on the last `keep` positions only, its output zero before them.
@@ -471,8 +479,7 @@ def tail_only(model, keep: int):
         mlp = None
     c = unwrap(model).config.get_text_config()
     experts = any(getattr(c, k, 0) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
-    recomputed = torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False)
-                                                  for m in unwrap(model).modules())
+    recomputed = torch.is_grad_enabled() and checkpointing(model)
     if keep <= 0 or not isinstance(mlp, torch.nn.Module) or experts or recomputed:  # keep 0: every position
         yield
         return

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.tokenize import pad_left, pad_right
-from .models import new_cache, position_ids, score_head, tail_only, with_cache
+from .models import checkpointing, new_cache, position_ids, score_head, tail_only, with_cache
 
 
 @dataclass
@@ -57,7 +57,7 @@ def usable(model) -> bool:
     """Whether `model` can run the prompt once and the completions on its cache. Not while it trains with
     gradient checkpointing: transformers keeps no cache then, and a block recomputed in the backward pass
     would append its keys to the cache a second time. The plain concatenated forward is used instead."""
-    return not any(getattr(m, "gradient_checkpointing", False) and m.training for m in model.modules())
+    return not checkpointing(model, training_only=True)
 
 
 def _prompt_pass(fwd, s: Shared, **kw):

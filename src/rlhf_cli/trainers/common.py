@@ -16,6 +16,7 @@ from transformers import get_scheduler
 
 from ..data.sources import is_hub_name
 from ..errors import UserError
+from ..models import checkpointing
 from ..memory import estimate
 
 
@@ -158,19 +159,16 @@ def checkpoint_activations(model) -> int:
     many models were switched."""
     from transformers import PreTrainedModel
 
-    def on(m) -> bool:  # what transformers itself checks (its is_gradient_checkpointing is deprecated)
-        return any(getattr(x, "gradient_checkpointing", False) for x in m.modules())
-
     switched = 0
     for m in model.modules():
-        if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing and not on(m):
+        if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing and not checkpointing(m):
             kwargs = {"use_reentrant": False}
             if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.24; the older name warns there
                 m.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             switched += 1
-    if not on(model):
+    if not checkpointing(model):
         raise UserError(f"train.gradient_checkpointing is on, but {type(model).__name__} does not support it")
     return switched
 
