@@ -1,5 +1,6 @@
 """Usage mistakes: one error style (`error: ...`, exit 2, the help to read), suggestions, --version."""
 
+import os
 import re
 
 import pytest
@@ -259,3 +260,24 @@ def test_trl_style_model_and_data_shortcuts(sft_ckpt, tmp_path, shared_data):
     assert m["config"]["model"]["name_or_path"] == str(sft_ckpt) and m["config"]["data"]["source"] == str(data)
     line = _one_error_line(run_cli("train-rm", "--model", str(sft_ckpt), "--init-from", "runs/x", "--dry-run"))
     assert "--model and --init-from both name the model to start from" in line
+
+
+def test_hub_kernels_are_off_without_a_hub_and_a_users_choice_is_kept(monkeypatch):
+    """transformers with `kernels` installed fetched Llama's rotary kernel from the hub at the first CUDA load:
+    offline, every stage on a GPU failed (seen on an H200). Without a hub our loads turn hub kernels off."""
+    import importlib.util
+
+    from rlhf_cli import hub
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "kernels" else None)
+    monkeypatch.setenv("USE_HUB_KERNELS", "")  # recorded, so the test leaves the environment as it found it
+    monkeypatch.delenv("USE_HUB_KERNELS")
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    hub.no_hub_kernels_offline()
+    assert "USE_HUB_KERNELS" not in os.environ  # online: transformers' choice stands
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    hub.no_hub_kernels_offline()
+    assert os.environ["USE_HUB_KERNELS"] == "NO"
+    monkeypatch.setenv("USE_HUB_KERNELS", "YES")
+    hub.no_hub_kernels_offline()
+    assert os.environ["USE_HUB_KERNELS"] == "YES"

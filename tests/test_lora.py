@@ -170,6 +170,36 @@ def test_merged_state_dict_by_hand():
     assert set(plain) == set(LlamaForCausalLM(model.config).state_dict())
 
 
+def test_merged_state_dict_of_quantized_base_weights(monkeypatch):
+    """QLoRA's save: bitsandbytes' packed base weights (here stand-ins: a uint8 weight and its absmax) come back
+    dequantized and merged with the adapter, and peft's LoRA layer around them, whose class bears the same
+    name (Linear4bit), keeps its adapter keys. Named by class alone, the first run on a GPU lost them (KeyError)."""
+    from types import SimpleNamespace
+
+    import peft.utils.integrations
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                                         num_key_value_heads=1, vocab_size=32))
+    w = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    lora.inject(model, SimpleNamespace(r=2, alpha=6.0, dropout=0.0, target_modules=["q_proj"]))
+    q = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.lora_B["default"].weight.normal_()
+    q.base_layer.__class__ = type("Linear4bit", (type(q.base_layer),), {"__module__": "bitsandbytes.nn.modules"})
+    q.__class__ = type("Linear4bit", (type(q),), {"__module__": "peft.tuners.lora.bnb"})
+    monkeypatch.setattr(peft.utils.integrations, "dequantize_module_weight", lambda module: w)
+    key = "model.layers.0.self_attn.q_proj.base_layer.weight"
+    state = {**model.state_dict(), key: torch.zeros(w.numel() // 2, 1, dtype=torch.uint8),
+             f"{key}.absmax": torch.ones(4)}
+    a, b = q.lora_A["default"].weight, q.lora_B["default"].weight
+    plain = lora.plain_state_dict(model, state)
+    merged = plain["model.layers.0.self_attn.q_proj.weight"]
+    assert merged.dtype == torch.bfloat16
+    assert torch.allclose(merged.float(), (w.bfloat16().float() + 3.0 * b @ a), atol=2e-2)
+    assert set(plain) == set(LlamaForCausalLM(model.config).state_dict())
+
+
 PPO_CONFIG = str(ROOT / "stage_configs" / "tldr_ppo.yaml")
 GOLD_FN = "rlhf_cli.data.synthetic:gold_reward_fn"
 

@@ -26,6 +26,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def no_hub_kernels_offline() -> None:
+    """transformers with the `kernels` package installed fetches some layers' CUDA kernels (Llama's rotary
+    embedding, ...) from the hub at load: without a hub that is an error, after the data is read. Offline, the
+    models' own PyTorch layers run instead (USE_HUB_KERNELS=NO); a USE_HUB_KERNELS the user set is kept."""
+    import importlib.util
+
+    if "USE_HUB_KERNELS" not in os.environ and importlib.util.find_spec("kernels") and not hub_reachable():
+        os.environ["USE_HUB_KERNELS"] = "NO"
+
+
 def hub_error(what: str, name: str, exc: BaseException | None = None) -> UserError:
     """The one sentence for a hub name that could not be loaded."""
     if not hub_reachable():

@@ -140,8 +140,10 @@ def plain_state_dict(model, state_dict: dict) -> dict:
 
 def _dequantized(model, state_dict: dict) -> dict:
     """bitsandbytes' packed weights (QLoRA's 4-bit, or 8-bit) back as bf16 under their plain keys, their
-    quantization state dropped: a merged checkpoint loads without bitsandbytes. (Run on GPUs only.)"""
-    quantized = {n: m for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
+    quantization state dropped: a merged checkpoint loads without bitsandbytes. (Run on GPUs only.) Only
+    bitsandbytes' own layers: peft's LoRA layer around one bears the same class name, and its adapter keys stay."""
+    quantized = {n: m for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")
+                 and type(m).__module__.startswith("bitsandbytes")}
     if not quantized:
         return state_dict
     from peft.utils.integrations import dequantize_module_weight

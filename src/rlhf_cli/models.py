@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError, is_corrupt_safetensors
-from .hub import hub_error, hub_reachable, offline_mode
+from .hub import hub_error, hub_reachable, no_hub_kernels_offline, offline_mode
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -93,6 +93,7 @@ def expect_kind(path: Path, kind: str, flag: str) -> None:
 
 def load_pretrained(loader, name: str, what: str, **kw):
     """`loader.from_pretrained(name)`, local first; one sentence when the hub is out of reach."""
+    no_hub_kernels_offline()
     local = Path(name).expanduser()
     if local.exists():
         try:
