@@ -25,9 +25,9 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
 def test_optimizer_state_round_trips_without_pickle(tmp_path):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
     sched.step()
     ck.save_trainer_state(tmp_path / "s", opt, sched, {"step": 3})
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["optimizer.json", "optimizer.safetensors", "state.json"]
