@@ -150,8 +150,8 @@ def test_bad_lora_settings_are_one_sentence_and_write_nothing(sft_ckpt, tmp_path
     assert not out.exists()
 
 
-def test_merged_state_dict_by_hand():
-    """W + (alpha / r) * B @ A for a Linear; transposed for GPT-2's Conv1D (fan_in_fan_out)."""
+def _q_adapted_llama():
+    """A one-block Llama with LoRA (r 2, alpha 6) on q_proj, B not zero: (model, q_proj's base weight, q_proj)."""
     from types import SimpleNamespace
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -163,6 +163,14 @@ def test_merged_state_dict_by_hand():
     q = model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         q.lora_B["default"].weight.normal_()
+    return model, w, q
+
+
+def test_merged_state_dict_by_hand():
+    """W + (alpha / r) * B @ A for a Linear; transposed for GPT-2's Conv1D (fan_in_fan_out)."""
+    from transformers import LlamaForCausalLM
+
+    model, w, q = _q_adapted_llama()
     a, b = q.lora_A["default"].weight, q.lora_B["default"].weight
     plain = lora.plain_state_dict(model, model.state_dict())
     assert torch.allclose(plain["model.layers.0.self_attn.q_proj.weight"], w + 3.0 * b @ a, atol=1e-6)
@@ -174,18 +182,10 @@ def test_merged_state_dict_of_quantized_base_weights(monkeypatch):
     """QLoRA's save: bitsandbytes' packed base weights (here stand-ins: a uint8 weight and its absmax) come back
     dequantized and merged with the adapter, and peft's LoRA layer around them, whose class bears the same
     name (Linear4bit), keeps its adapter keys. Named by class alone, the first run on a GPU lost them (KeyError)."""
-    from types import SimpleNamespace
-
     import peft.utils.integrations
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=8, intermediate_size=16, num_attention_heads=2,
-                                         num_key_value_heads=1, vocab_size=32))
-    w = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    lora.inject(model, SimpleNamespace(r=2, alpha=6.0, dropout=0.0, target_modules=["q_proj"]))
-    q = model.model.layers[0].self_attn.q_proj
-    with torch.no_grad():
-        q.lora_B["default"].weight.normal_()
+    model, w, q = _q_adapted_llama()
     q.base_layer.__class__ = type("Linear4bit", (type(q.base_layer),), {"__module__": "bitsandbytes.nn.modules"})
     q.__class__ = type("Linear4bit", (type(q),), {"__module__": "peft.tuners.lora.bnb"})
     monkeypatch.setattr(peft.utils.integrations, "dequantize_module_weight", lambda module: w)
