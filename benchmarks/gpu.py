@@ -59,11 +59,16 @@ PEAK = ("import atexit, os, sys, torch\n"
         "main()\n")
 
 
+def child_env(cap_gib: float = 0) -> dict:
+    """An `rlhf` process's environment: this checkout's code, offline; with `cap_gib`, the process may allocate
+    no more GPU memory than that."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "160", "GPU_CAP_GIB": str(cap_gib)}
+
+
 def rlhf(args: list[str], log: Path, timeout: float, cap_gib: float = 0) -> dict:
-    """One `rlhf` command in its own process: exit code, seconds, peak GPU bytes, the output's last lines; with
-    `cap_gib`, the process may allocate no more GPU memory than that."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "160", "GPU_CAP_GIB": str(cap_gib)}
+    """One `rlhf` command in its own process: exit code, seconds, peak GPU bytes, the output's last lines."""
+    env = child_env(cap_gib)
     t0 = time.time()
     try:
         p = subprocess.run([sys.executable, "-c", PEAK, *args], env=env, capture_output=True, text=True, timeout=timeout)
@@ -179,8 +184,7 @@ def _run_tiny(work: Path, base: Path, smoke: bool, record) -> None:
         "ilql_4bit": ["ilql", "--config", c("tldr_ilql.yaml"), "--policy", str(base)],
     }
     procs = {}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "160"}
+    env = child_env()
     cells = {name: [*args, "--output-dir", str(work / name), *SHORT, *lora, *quant] for name, args in runs.items()}
     if not smoke:
         cells["dpo_8bit"] = [*cells["dpo_4bit"][:-2], "--set", "model.load_in_8bit=true"]
@@ -339,6 +343,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU, toy sizes: the plumbing only")
     ap.add_argument("--write", default=None, help="write RESULTS.md's GPU section from this results file")
     a = ap.parse_args()
+    if a.write and not Path(a.write).is_file():
+        ap.error(f"--write {a.write}: no such results file (python benchmarks/gpu.py --out FILE writes one)")
     if a.write:
         return write_results(Path(a.write), ROOT / "benchmarks" / "RESULTS.md")
     work = Path(a.work)
