@@ -46,6 +46,8 @@ TRL_SCRIPT = {"ppo": "trl_ppo.py", "grpo": "trl_grpo.py"}  # one method each (no
 GRPO_BEGIN, GRPO_END = "<!-- GRPO section: bench.py --methods grpo,mem -->", "<!-- end of GRPO section -->"
 SERVER_MARKERS = ("<!-- reward-server:begin -->", "<!-- reward-server:end -->")  # reward_server.py writes it
 LORA_MARKERS = ("<!-- lora:begin -->", "<!-- lora:end -->")  # lora.py writes it
+# gpu.py writes the table between its markers; the heading and the discussion above it are hand-written
+GPU_MARKERS = ("## GPU checks", "<!-- gpu:end -->")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "TRL_EXPERIMENTAL_SILENCE": "1",
        "PYTHONWARNINGS": "ignore"}
@@ -199,10 +201,14 @@ def render_results(rows: list[dict], specs: dict, peak: float, mfu: dict, versio
               "sides run the same trunk work otherwise (sampling, the reference's and the reward model's forward "
               "passes, the policy's forward and backward), so the ratio sits near 2-3x and falls as longer runs "
               "amortise TRL's first-iteration cost.",
-              "- All stages: the last block's MLP runs only at the positions whose output is read (`models.tail_only`: "
-              "the response positions of PPO's, GRPO's and the reference's passes, a sampling prefill's last position, "
-              "a reward model's last tokens, a shared prompt's last position; not SFT's training step), a third of a "
-              "2-block model's prompt work and 1/(1.5 L) of an L-block one's; TRL runs it at every position.",
+              "- All stages: the last block runs its MLP, output and query projections and attention rows only at "
+              "the positions whose output is read (`models.tail_only`: the response positions of PPO's, GRPO's and "
+              "the reference's passes, a sampling prefill's last position, a reward model's last tokens, a shared "
+              "prompt's last position; not SFT's training step), computing only keys and values elsewhere; TRL runs "
+              "the whole block at every position.",
+              "- Sampling: each decode step writes its keys and values into a buffer reserved at the prefill "
+              "(`models.new_cache(reserve=)`); transformers' DynamicCache (TRL's generate) concatenates, copying "
+              "the whole cache per layer and token.",
               "- All stages: fused AdamW (one kernel for every parameter).",
               "- All stages: GPT-2's `gelu_new` runs as PyTorch's fused tanh GELU (`model.fuse_gelu`).",
               "", "## Workloads", ""]
@@ -379,11 +385,12 @@ def write_section(path: Path, section: str, begin: str, end: str) -> None:
 
 def write_merged(path: Path, main_text: str | None, grpo_text: str | None) -> None:
     """Write RESULTS.md from its main part and its GRPO section; a part that is None (not run this time) is
-    kept from the file as it is, and so are reward_server.py's and lora.py's sections."""
+    kept from the file as it is, and so are reward_server.py's, lora.py's and gpu.py's sections."""
     old = path.read_text() if path.exists() else ""
     old_grpo, old = _cut(old, GRPO_BEGIN, GRPO_END)
     served, old = _cut(old, *SERVER_MARKERS)
     lora, old = _cut(old, *LORA_MARKERS)
+    gpu, old = _cut(old, *GPU_MARKERS)
     main = main_text if main_text is not None else old
     grpo = (grpo_text if grpo_text is not None else old_grpo) + "".join("\n" + s for s in (served, lora) if s)
     anchor = "## Where the differences come from"
@@ -394,7 +401,7 @@ def write_merged(path: Path, main_text: str | None, grpo_text: str | None) -> No
         text = main[:at] + grpo + "\n" + main[at:]
     else:
         text = main.rstrip("\n") + "\n\n" + grpo if main.strip() else grpo
-    path.write_text(text)
+    path.write_text(text.rstrip("\n") + "\n\n" + gpu if gpu else text)  # the GPU section stays last
 
 
 def main() -> None:

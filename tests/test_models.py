@@ -147,16 +147,21 @@ def test_forward_with_hidden_is_the_last_of_output_hidden_states_at_the_kept_pos
     assert not model.get_output_embeddings()._forward_pre_hooks  # the hook is gone
 
 
+@pytest.mark.parametrize("padded", [True, False])  # False: transformers passes no mask, the causal one is built
 @pytest.mark.parametrize("family", tiny_families.ALL)
-def test_tail_only_leaves_the_kept_logits_and_every_gradient_and_runs_the_last_mlp_on_them_alone(family):
-    """The last block's MLP on the kept positions only: the same logits there and the same parameter gradients
-    (of a loss on them) as the whole forward, to float rounding; the MLP sees only the kept rows."""
+def test_tail_only_leaves_the_kept_logits_and_every_gradient_and_runs_the_last_block_on_them_alone(family, padded):
+    """The last block's queries, attention, output projection and MLP on the kept positions only: the same
+    logits there and the same parameter gradients (of a loss on them) as the whole forward, to float rounding;
+    each of those parts sees only the kept rows, and everything is as before once the context has ended."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as registry
+
     from rlhf_cli.models import position_ids, tail_only, transformer_blocks
 
     model = tiny_families.build(family).eval()
     ids = torch.randint(2, 300, (2, 9))
     mask = torch.ones_like(ids)
-    mask[0, :2] = 0  # a left-padded row
+    if padded:
+        mask[0, :2] = 0  # a left-padded row
     keep = 3
 
     def run(tail: bool):
@@ -168,21 +173,38 @@ def test_tail_only_leaves_the_kept_logits_and_every_gradient_and_runs_the_last_m
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     whole, whole_grads = run(False)
-    mlp = getattr(transformer_blocks(model)[-1], "mlp", None)
-    rows = []
-    if mlp is not None:  # registered before tail_only's hooks: sees what the MLP itself returns
-        seen = mlp.register_forward_hook(lambda _m, _a, out: rows.append(out.shape[1]))
-    tail, tail_grads = run(True)
+    block = transformer_blocks(model)[-1]
+    attn = next(getattr(block, n) for n in ("self_attn", "attn", "attention") if hasattr(block, n))
+    parts = {n: m for n, m in [("mlp", getattr(block, "mlp", None)), *((n, getattr(attn, n, None)) for n in
+                                                                       ("q_proj", "o_proj", "c_proj", "dense", "out_proj"))]
+             if m is not None}
+    rows = {n: [] for n in parts}
+    spies = [m.register_forward_hook(lambda _m, _a, out, n=n: rows[n].append(out.shape[1])) for n, m in parts.items()]
+    # registered before tail_only's hooks: they see what each part itself gets and returns
+    sdpa, query_rows = registry["sdpa"], []
+
+    def spy(module, query, *args, **kwargs):
+        if module is attn:
+            query_rows.append(query.shape[2])
+        return sdpa(module, query, *args, **kwargs)
+
+    registry["sdpa"] = spy
+    try:
+        tail, tail_grads = run(True)
+    finally:
+        registry["sdpa"] = sdpa
     torch.testing.assert_close(tail, whole, atol=1e-5, rtol=1e-5)
     assert tail_grads.keys() == whole_grads.keys()
     for name, g in whole_grads.items():
         torch.testing.assert_close(tail_grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
-    if mlp is not None:
-        seen.remove()
-        assert rows == [keep]  # 9 positions in, 3 through the MLP
-        assert not mlp._forward_pre_hooks and not mlp._forward_hooks  # tail_only's hooks are gone
-    else:
-        assert family == "opt" or family == "opt_projected"  # fc1/fc2 in the block: left as it is
+    for s in spies:
+        s.remove()
+    assert {n: r for n, r in rows.items()} == {n: [keep] for n in parts}  # 9 positions in, 3 through each
+    assert ("mlp" in parts) == (family not in ("opt", "opt_projected"))  # OPT's fc1/fc2: left as they are
+    assert ("q_proj" in parts) == (family not in ("gpt2", "gpt_neox"))  # their fused QKV: left as it is
+    assert query_rows == ([keep] if attn.config._attn_implementation == "sdpa" else [])
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in parts.values())  # tail_only's are gone
+    assert registry["sdpa"] is sdpa
 
 
 def test_tail_only_is_a_no_op_where_the_backward_pass_recomputes_the_block():
@@ -206,3 +228,47 @@ def test_tail_only_is_a_no_op_where_the_backward_pass_recomputes_the_block():
     assert rows and set(rows) == {9}  # whole (and so is a recomputation, where one calls the MLP's hooks)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])  # gemma3: sliding-window layers beside full ones
+def test_a_reserved_cache_decodes_as_a_dynamic_one_writing_in_place(family):
+    """`new_cache(model, reserve=n)`: the same logits, step by step, as transformers' concatenating cache; after the
+    prefill, its full-attention layers' keys stay views of one buffer (no copy of the cache per token), and a
+    batch repeat (GRPO's groups) or a crop still work."""
+    from transformers.cache_utils import DynamicLayer
+
+    from rlhf_cli.models import new_cache, with_cache
+
+    mixed = {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]} if family == "gemma3" else {}
+    model = tiny_families.build(family, **mixed).eval()
+    ids = torch.randint(2, 300, (2, 6))
+    steps = torch.randint(2, 300, (2, 4))
+
+    def decode(cache, repeat=1):
+        with torch.no_grad():
+            out = [model(input_ids=ids, use_cache=True, **with_cache(model, cache)).logits[:, -1].repeat_interleave(repeat, 0)]
+            if repeat > 1:
+                cache.batch_repeat_interleave(repeat)
+            for t in range(steps.shape[1]):
+                x = steps[:, t: t + 1].repeat_interleave(repeat, 0)
+                out.append(model(input_ids=x, use_cache=True, **with_cache(model, cache)).logits[:, -1])
+                ptrs.append([layer.keys.data_ptr() for layer in cache.layers])
+        return torch.stack(out, 1)
+
+    for repeat in (1, 2):
+        ptrs = []
+        want = decode(new_cache(model), repeat)
+        ptrs = []
+        reserved = new_cache(model, reserve=steps.shape[1])
+        torch.testing.assert_close(decode(reserved, repeat), want, atol=1e-6, rtol=1e-5)
+        full = [i for i, layer in enumerate(reserved.layers) if type(layer).__name__ == "ReservedLayer"]
+        assert len(full) == sum(type(layer) is DynamicLayer for layer in new_cache(model).layers)
+        assert full and all(len({p[i] for p in ptrs}) == 1 for i in full)  # one buffer from the first step on
+    if family == "gemma3":  # transformers' sliding-window layers crop only with their past recorded
+        return
+    length = reserved.get_seq_length()
+    reserved.crop(-2)
+    assert reserved.get_seq_length() == length - 2
+    with torch.no_grad():  # writes where the crop left off: the same as a fresh cache over the kept tokens
+        got = model(input_ids=steps[:, :1].repeat_interleave(2, 0), use_cache=True, **with_cache(model, reserved)).logits
+    assert got.shape[1] == 1 and reserved.get_seq_length() == length - 1

@@ -460,47 +460,91 @@ def checkpointing(model, training_only: bool = False) -> bool:
 
 @contextlib.contextmanager
 def tail_only(model, keep: int):
-    """Within: the last block's MLP runs on the last `keep` positions only, its output zero before them.
+    """Within: the last block computes its queries, attention, output projection and MLP on the last `keep`
+    positions only (the rows before them come out as zeros); its keys and values still cover every position.
 
     For forward passes read at those positions alone (`logits_to_keep=keep`: PPO's and GRPO's response
-    positions, a reference's log-probs, a sampling prefill's last position; a reward model's last tokens). The MLP is position-wise, so the
-    kept positions' outputs are unchanged; and the last block's MLP is the one part of the trunk no kept
-    position needs at an earlier one (every block's keys and values are needed at every position). It saves
-    its 8·H² of each skipped position's 12·L·H² FLOPs: a third of a 2-block model's prompt work, 1/(1.5·L)
-    in general. A no-op on a block without one `mlp` module (OPT's fc1/fc2), on a mixture of experts (its
-    router would see fewer tokens), and where a backward pass would recompute the block (gradient
-    checkpointing runs it again after this context has ended).
+    positions, a reference's log-probs, a sampling prefill's last position; a reward model's last tokens). No
+    kept position needs an earlier one's output of the last block (every block's keys and values are needed at
+    every position, and stay), so the kept outputs are unchanged; the skipped rows save the last block's Q, O and
+    MLP (10·H² of its 12·H² per position) and their attention rows: a prompt's work in that block, but for its
+    keys and values. Each part is skipped where the block has it: the MLP as one `mlp` module (not OPT's
+    fc1/fc2, nor a mixture of experts, whose router would see fewer tokens), Q as its own projection (not GPT-2's
+    fused c_attn), the attention rows under `sdpa`. A no-op where a backward pass would recompute the block
+    (gradient checkpointing runs it again after this context has ended).
     """
     import torch
-    from torch.nn.functional import pad
 
     try:
-        mlp = getattr(transformer_blocks(model)[-1], "mlp", None)
+        block = transformer_blocks(model)[-1]
     except UserError:  # no list of blocks found: run it whole
-        mlp = None
+        block = None
     c = unwrap(model).config.get_text_config()
     experts = any(getattr(c, k, 0) for k in ("num_experts", "num_local_experts", "n_routed_experts"))
-    recomputed = torch.is_grad_enabled() and checkpointing(model)
-    if keep <= 0 or not isinstance(mlp, torch.nn.Module) or experts or recomputed:  # keep 0: every position
+    if keep <= 0 or block is None or (torch.is_grad_enabled() and checkpointing(model)):  # keep 0: every position
         yield
         return
+    attn = next((m for n in ("self_attn", "attn", "attention", "self_attention")
+                 if isinstance(m := getattr(block, n, None), torch.nn.Module)), None)
+    rowwise = [None if experts else getattr(block, "mlp", None)]
+    rowwise += [getattr(attn, n, None) for n in ("q_proj", "o_proj", "c_proj", "dense", "out_proj")]
+    hooks = [h for m in rowwise if isinstance(m, torch.nn.Module) for h in _rows_hooks(m, keep)]
+    try:
+        with _tail_queries(attn, keep):
+            yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _rows_hooks(module, keep: int):
+    """Hooks that run a position-wise `module` on the last `keep` rows of its (B, T, ...) input, zeros before."""
+    from torch.nn.functional import pad
+
     skipped = []
 
     def before(_m, args):
         x = args[0]
-        skipped.append(x.shape[1] - keep)
+        skipped.append(x.shape[1] - keep if x.dim() >= 3 else 0)
         return (x[:, -keep:].contiguous(), *args[1:]) if skipped[-1] > 0 else None
 
     def after(_m, _args, out):
         n = skipped.pop()
         return pad(out, (0, 0, n, 0)) if n > 0 else None
 
-    hooks = [mlp.register_forward_pre_hook(before), mlp.register_forward_hook(after)]
+    return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+
+
+@contextlib.contextmanager
+def _tail_queries(attn, keep: int):
+    """Within: `attn` (under `sdpa`) attends from its last `keep` query rows alone, over every key; the output's
+    earlier rows are zeros. transformers calls the attention function it registers under the config's
+    implementation name, with the attention module first: that function is wrapped here, for this module only."""
+    import torch
+    from torch.nn.functional import pad
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as registry
+
+    if getattr(getattr(attn, "config", None), "_attn_implementation", None) != "sdpa" or not getattr(attn, "is_causal", True):
+        yield
+        return
+    inner = registry["sdpa"]
+
+    def attend(module, query, key, value, attention_mask, *args, **kwargs):
+        T, S = query.shape[2], key.shape[2]
+        if module is not attn or T <= keep or (attention_mask is None and (T != S or kwargs.get("is_causal") is False)):
+            return inner(module, query, key, value, attention_mask, *args, **kwargs)
+        if attention_mask is None:  # causal (transformers leaves the mask out then): row i sees keys up to S - keep + i
+            attention_mask = torch.ones(keep, S, dtype=torch.bool, device=query.device).tril(S - keep)
+        elif attention_mask.shape[-2] == T:
+            attention_mask = attention_mask[..., -keep:, :]
+        out, weights = inner(module, query[:, :, -keep:], key, value, attention_mask, *args, **kwargs)
+        return pad(out, (0, 0, 0, 0, T - keep, 0)), weights  # (B, T, heads, head_dim), as the module reshapes it
+
+    registry["sdpa"] = attend
     try:
         yield
     finally:
-        for h in hooks:
-            h.remove()
+        registry["sdpa"] = inner
 
 
 def forward_with_hidden(model, **inputs):
@@ -517,11 +561,56 @@ def forward_with_hidden(model, **inputs):
     return out, seen[-1]
 
 
-def new_cache(model):
-    """An empty transformers `DynamicCache` for `model`'s next cached forward passes."""
+def new_cache(model, reserve: int = 0):
+    """An empty transformers `DynamicCache` for `model`'s next cached forward passes. `reserve`: room for that
+    many positions past the first update (a sampler's new tokens), so that each decode step writes its keys and
+    values in place: a `DynamicLayer` concatenates, copying the whole cache once per layer and token."""
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
-    return DynamicCache(config=unwrap(model).config)
+    cache = DynamicCache(config=unwrap(model).config)
+    if reserve > 0:  # sliding-window layers (Mistral's, Gemma's) keep their own
+        cache.layers = [_reserved_layer()(reserve) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+@functools.lru_cache(maxsize=None)
+def _reserved_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A `DynamicLayer` whose keys and values are views of buffers with room to grow: an update that fits is
+        a copy of the new positions alone. Any other change (cropping aside) makes new tensors of its own, and
+        the next update new buffers."""
+
+        def __init__(self, reserve: int):
+            super().__init__()
+            self.reserve, self.buffers = reserve, None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, new = self.get_seq_length(), key_states.shape[-2]
+            if not self._fits(key_states, n + new):
+                cap = n + new + self.reserve
+                self.buffers = tuple(x.new_empty(*x.shape[:-2], cap, x.shape[-1]) for x in (key_states, value_states))
+                if n:
+                    self.buffers[0][..., :n, :].copy_(self.keys)
+                    self.buffers[1][..., :n, :].copy_(self.values)
+            keys, values = self.buffers
+            keys[..., n: n + new, :].copy_(key_states)
+            values[..., n: n + new, :].copy_(value_states)
+            self.keys, self.values = keys[..., : n + new, :], values[..., : n + new, :]
+            return self.keys, self.values
+
+        def _fits(self, key_states, length: int) -> bool:
+            if self.buffers is None or self.get_seq_length() == 0:
+                return False
+            keys, values = self.buffers
+            return (keys.shape[-2] >= length and keys.shape[:-2] == key_states.shape[:-2]
+                    and self.keys.data_ptr() == keys.data_ptr() and self.values.data_ptr() == values.data_ptr())
+
+    return ReservedLayer
 
 
 def with_cache(model, cache) -> dict:

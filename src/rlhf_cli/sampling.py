@@ -200,7 +200,7 @@ def sample(policy, tokenizer, prompt_ids: list[list[int]], gen_cfg, stop_sequenc
     B = len(prompt_ids) * repeats
     ids = pad_left(prompt_ids, pad).to(device)
     mask = pad_left([[1] * len(p) for p in prompt_ids], 0).to(device)
-    cache = new_cache(policy)
+    cache = new_cache(policy, reserve=gen_cfg.max_new_tokens)
     forward = forward_with_hidden if hidden else lambda model, **kw: (model(**kw), None)
     with tail_only(policy, 1):  # the prefill is read at its last position (and its keys/values)
         out, h = forward(policy, input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True,
