@@ -272,3 +272,47 @@ def test_a_reserved_cache_decodes_as_a_dynamic_one_writing_in_place(family):
     with torch.no_grad():  # writes where the crop left off: the same as a fresh cache over the kept tokens
         got = model(input_ids=steps[:, :1].repeat_interleave(2, 0), use_cache=True, **with_cache(model, reserved)).logits
     assert got.shape[1] == 1 and reserved.get_seq_length() == length - 1
+
+
+def test_tail_only_in_threads_cuts_only_its_own_threads_queries_and_restores_the_attention_function():
+    """Two threads' tail_only contexts on one model, closed in the order they were not opened: a plain forward
+    in a third thread meanwhile is the whole one, and transformers' sdpa function is back once both are closed."""
+    import threading
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as registry
+
+    from rlhf_cli.models import tail_only
+
+    model = tiny_families.build("llama").eval()
+    ids = torch.randint(2, 300, (2, 9))
+    sdpa = registry["sdpa"]
+    with torch.no_grad():
+        whole = model(input_ids=ids, use_cache=False).logits
+    opened = [threading.Event(), threading.Event()]
+    close = [threading.Event(), threading.Event()]
+    got = {}
+
+    def hold(i):
+        with torch.no_grad(), tail_only(model, 2):
+            opened[i].set()
+            close[i].wait(30)
+
+    threads = [threading.Thread(target=hold, args=(i,)) for i in (0, 1)]
+    for t, e in zip(threads, opened):
+        t.start()
+        assert e.wait(30)
+    # module hooks are the model's, seen by every thread; the attention rows are cut per thread: a third
+    # thread's forward attends from every row (the hooks' rows are the only ones it reads at the tail)
+    third = threading.Thread(target=lambda: got.update(
+        tail=model(input_ids=ids, use_cache=False, logits_to_keep=2).logits.detach()))
+    third.start()
+    third.join(30)
+    close[0].set()  # the first opened closes first
+    threads[0].join(30)
+    assert registry["sdpa"] is not sdpa  # the second is still open
+    close[1].set()
+    threads[1].join(30)
+    assert registry["sdpa"] is sdpa
+    torch.testing.assert_close(got["tail"], whole[:, -2:], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, whole)  # nothing left behind

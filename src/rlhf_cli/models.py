@@ -5,9 +5,11 @@ local checkpoint directory, or a hub name. Checks that a checkpoint is of the ki
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import inspect
 import json
+import threading
 from pathlib import Path
 
 from .errors import UserError, is_corrupt_safetensors
@@ -515,36 +517,57 @@ def _rows_hooks(module, keep: int):
     return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
 
 
+# `_tail_queries`: the attention modules whose queries are cut, per thread (and asyncio task), and how many of
+# the contexts are open: transformers' sdpa function is replaced while any is, and restored after the last
+_TAILS: contextvars.ContextVar[dict] = contextvars.ContextVar("rlhf_tail_queries", default={})
+_SDPA = {"open": 0, "inner": None}
+_SDPA_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _tail_queries(attn, keep: int):
     """Within: `attn` (under `sdpa`) attends from its last `keep` query rows alone, over every key; the output's
-    earlier rows are zeros. transformers calls the attention function it registers under the config's
-    implementation name, with the attention module first: that function is wrapped here, for this module only."""
-    import torch
-    from torch.nn.functional import pad
+    earlier rows are zeros. transformers calls the attention function registered under the config's
+    implementation name, with the attention module first: while any of these contexts is open, that function
+    is `_attend`, which cuts the queries of the modules this thread's open contexts name and passes every other
+    call through unchanged."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as registry
 
     if getattr(getattr(attn, "config", None), "_attn_implementation", None) != "sdpa" or not getattr(attn, "is_causal", True):
         yield
         return
-    inner = registry["sdpa"]
-
-    def attend(module, query, key, value, attention_mask, *args, **kwargs):
-        T, S = query.shape[2], key.shape[2]
-        if module is not attn or T <= keep or (attention_mask is None and (T != S or kwargs.get("is_causal") is False)):
-            return inner(module, query, key, value, attention_mask, *args, **kwargs)
-        if attention_mask is None:  # causal (transformers leaves the mask out then): row i sees keys up to S - keep + i
-            attention_mask = torch.ones(keep, S, dtype=torch.bool, device=query.device).tril(S - keep)
-        elif attention_mask.shape[-2] == T:
-            attention_mask = attention_mask[..., -keep:, :]
-        out, weights = inner(module, query[:, :, -keep:], key, value, attention_mask, *args, **kwargs)
-        return pad(out, (0, 0, 0, 0, T - keep, 0)), weights  # (B, T, heads, head_dim), as the module reshapes it
-
-    registry["sdpa"] = attend
+    with _SDPA_LOCK:
+        if _SDPA["open"] == 0:
+            _SDPA["inner"], registry["sdpa"] = registry["sdpa"], _attend
+        _SDPA["open"] += 1
+    token = _TAILS.set({**_TAILS.get(), id(attn): (attn, keep)})
     try:
         yield
     finally:
-        registry["sdpa"] = inner
+        _TAILS.reset(token)
+        with _SDPA_LOCK:
+            _SDPA["open"] -= 1
+            if _SDPA["open"] == 0:
+                registry["sdpa"] = _SDPA["inner"]
+
+
+def _attend(module, query, key, value, attention_mask, *args, **kwargs):
+    """transformers' sdpa attention, from the last `keep` query rows alone for a module `_tail_queries` names."""
+    import torch
+    from torch.nn.functional import pad
+
+    inner = _SDPA["inner"]
+    named = _TAILS.get().get(id(module))
+    keep = named[1] if named is not None and named[0] is module else 0
+    T, S = query.shape[2], key.shape[2]
+    if not 0 < keep < T or (attention_mask is None and (T != S or kwargs.get("is_causal") is False)):
+        return inner(module, query, key, value, attention_mask, *args, **kwargs)
+    if attention_mask is None:  # causal (transformers leaves the mask out then): row i sees keys up to S - keep + i
+        attention_mask = torch.ones(keep, S, dtype=torch.bool, device=query.device).tril(S - keep)
+    elif attention_mask.shape[-2] == T:
+        attention_mask = attention_mask[..., -keep:, :]
+    out, weights = inner(module, query[:, :, -keep:], key, value, attention_mask, *args, **kwargs)
+    return pad(out, (0, 0, 0, 0, T - keep, 0)), weights  # (B, T, heads, head_dim), as the module reshapes it
 
 
 def forward_with_hidden(model, **inputs):
