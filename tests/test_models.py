@@ -269,9 +269,12 @@ def test_a_reserved_cache_decodes_as_a_dynamic_one_writing_in_place(family):
     length = reserved.get_seq_length()
     reserved.crop(-2)
     assert reserved.get_seq_length() == length - 2
-    with torch.no_grad():  # writes where the crop left off: the same as a fresh cache over the kept tokens
-        got = model(input_ids=steps[:, :1].repeat_interleave(2, 0), use_cache=True, **with_cache(model, reserved)).logits
-    assert got.shape[1] == 1 and reserved.get_seq_length() == length - 1
+    kept = torch.cat([ids, steps[:, : steps.shape[1] - 2], steps[:, :1]], 1).repeat_interleave(2, 0)
+    with torch.no_grad():  # writes where the crop left off: the same logits as the whole sequence without a cache
+        got = model(input_ids=kept[:, -1:], use_cache=True, **with_cache(model, reserved)).logits[:, -1]
+        want = model(input_ids=kept, use_cache=False).logits[:, -1]
+    assert reserved.get_seq_length() == length - 1
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_tail_only_in_threads_cuts_only_its_own_threads_queries_and_restores_the_attention_function():
